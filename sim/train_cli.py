@@ -26,7 +26,7 @@ from byteswarm.optim.model import ModelConfig
 from byteswarm.optim.train import LocalTrainer, TrainConfig
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .report import plot_lines
+from .plots import plot_lines
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 

@@ -1,0 +1,104 @@
+"""``byteswarm sim``: many peers on one machine, real training, virtual network.
+
+Runs each chosen algorithm on the same workload and scenario, and writes to DIR:
+metrics.jsonl (validation loss by algorithm, peer, step and virtual time), summary.json
+(per algorithm: final_val_loss, virtual_seconds, bytes_sent_per_peer, idle_fraction,
+sync_seconds_mean, steps, …) and PNG plots: loss vs virtual time, loss vs step, bytes per
+peer and idle fraction, all algorithms on one chart. Same seed, same summary.
+
+Algorithm settings go in a TOML file (--config) as [spsa], [noloco] and [diloco] tables;
+the run itself in [sim], the workload in [model] and [data]. Flags override the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from byteswarm.optim import config as C
+from byteswarm.optim.data import Corpus, DataConfig
+from byteswarm.optim.files import MetricsLog, save_json
+from byteswarm.optim.model import ModelConfig
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from . import plots
+from .algos import ALGOS, Workload
+from .runner import SimConfig, run_algorithm
+from .scenario import load_scenario
+
+SECTIONS = {"sim": SimConfig, "model": ModelConfig, "data": DataConfig}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sim", help="simulate many peers on one machine and compare algorithms",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/sim", metavar="DIR",
+                   help="run folder (default: runs/sim)")
+    p.add_argument("--config", metavar="FILE", help="TOML file with [sim], [model], [data], "
+                   + ", ".join(f"[{a}]" for a in ALGOS) + " tables")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    for name, cls in SECTIONS.items():
+        C.add_arguments(p, cls, title=f"{name} options")
+    p.set_defaults(func=run)
+
+
+def load_configs(args: argparse.Namespace):
+    file = C.load_toml(args.config) if args.config else {}
+    known = set(SECTIONS) | set(ALGOS)
+    unknown = sorted(set(file) - known)
+    if unknown:
+        raise C.ConfigError(f"{args.config}: unknown table [{unknown[0]}] "
+                            f"(known: {', '.join(sorted(known))})")
+    sim, model, data = (C.resolve(cls, args, file.get(name), where=name)
+                        for name, cls in SECTIONS.items())
+    algos = [a.strip() for a in sim.algo.split(",") if a.strip()]
+    for a in algos:
+        if a not in ALGOS:
+            raise C.ConfigError(f"algo: unknown algorithm {a!r} (known: {', '.join(ALGOS)})")
+    if not algos or len(set(algos)) != len(algos):
+        raise C.ConfigError("algo: give each algorithm once, e.g. spsa,noloco,diloco")
+    algo_cfgs = {a: C.from_mapping(ALGOS[a].config_cls, file.get(a, {}), where=a)
+                 for a in algos}
+    return sim, model, data, algo_cfgs
+
+
+def run(args: argparse.Namespace) -> int:
+    sim, mcfg, dcfg, algo_cfgs = load_configs(args)
+    scenario = load_scenario(sim.scenario)
+    out = Path(args.out)
+    corpus = Corpus.load(dcfg)
+    seq_len = mcfg.resolved().context
+    corpus.check_fits(seq_len)
+    w = Workload(mcfg, dcfg, corpus, sim.seed, seq_len,
+                 corpus.val_set(dcfg.batch_size, seq_len, dcfg.val_batches, seed=sim.seed))
+    log = MetricsLog(out / "metrics.jsonl")
+    summary = {"scenario": scenario.name, "description": scenario.description,
+               "config": {"sim": C.to_dict(sim), "model": C.to_dict(mcfg.resolved()),
+                          "data": C.to_dict(dcfg)},
+               "algorithms": {}}
+    results = []
+    t0 = time.perf_counter()
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                  TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(),
+                  TimeRemainingColumn(), disable=args.quiet) as bar:
+        for name, acfg in algo_cfgs.items():
+            task = bar.add_task(f"{name:7s} {scenario.name}", total=sim.peers * sim.steps)
+            res = run_algorithm(name, acfg, sim, scenario, w,
+                                progress=lambda k, task=task: bar.advance(task, k))
+            bar.update(task, completed=sim.peers * sim.steps)
+            for row in res.rows:
+                log.write(row)
+            summary["algorithms"][name] = {**res.summary, "config": C.to_dict(acfg)}
+            results.append(res)
+    log.close()
+    save_json(out / "summary.json", summary)
+    plots.write_all(out, results, scenario.name)
+    print(f"{scenario.name}, {sim.peers} peers, {sim.steps} steps each "
+          f"({time.perf_counter() - t0:.0f} s wall) -> {out}")
+    for name, s in summary["algorithms"].items():
+        print(f"  {name:7s} val loss {s['final_val_loss']:.3f}"
+              f"  virtual {s['virtual_seconds']:8.1f} s"
+              f"  sent/peer {s['bytes_sent_per_peer']['mean'] / 1e6:9.3f} MB"
+              f"  idle {100 * s['idle_fraction']:4.1f}%")
+    return 0

@@ -1,0 +1,250 @@
+"""The discrete-event core: a virtual clock that drives sans-IO algorithm objects.
+
+One heap of events, one network model. Each simulated peer owns a real algorithm object
+(the same class the node runs) and a compute model. The loop pops the earliest event —
+a local step finishing, a message arriving, a deadline firing, a peer joining or
+leaving — feeds it to the peer's object, carries the object's outbox into the network,
+re-arms its timer, and starts its next local step if it may. Training is real; only time
+is virtual. Ties are broken by insertion order, so a run is a function of its seed.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from byteswarm.optim.sansio import EVERYONE, Algorithm
+
+from .network import INF, Link, Network
+
+
+@dataclass
+class PeerSpec:
+    """One simulated peer: its link, its compute speed and when it is present."""
+
+    id: str
+    link: Link
+    region: str = ""
+    step_seconds: float = 0.1  # virtual seconds per local step
+    jitter: float = 0.0  # each step takes step_seconds · (1 ± jitter), uniform
+    straggler_prob: float = 0.0  # chance per step to start a slow episode
+    straggler_factor: float = 1.0  # how much slower an episode is
+    straggler_steps: int = 0  # how long an episode lasts
+    join_at: float = 0.0
+    leave_at: float = INF
+    leave_after_steps: int | None = None  # leave on reaching this many local steps
+    rejoin_after: float = 0.0  # seconds after leaving to come back (0: never)
+
+
+@dataclass
+class PeerState:
+    spec: PeerSpec
+    algo: Algorithm | None = None
+    alive: bool = False
+    busy: bool = False
+    steps: int = 0
+    busy_seconds: float = 0.0
+    present_since: float = 0.0
+    present_seconds: float = 0.0
+    slow_left: int = 0
+    timer_version: int = 0
+    step_losses: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SyncState:
+    """The state download a joiner makes from ``donor`` before it contributes."""
+
+    donor: str
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str  # "step", "deliver", "timer", "join", "leave", "synced"
+    peer: str
+    data: Any = None
+
+
+class Simulation:
+    """Run peers to ``steps`` local steps each (or until ``max_seconds`` virtual time)."""
+
+    def __init__(self, specs: list[PeerSpec], make_algo: Callable[[PeerSpec], Algorithm],
+                 network: Network, *, size_of: Callable[[Any], int], steps: int,
+                 seed: int = 0, max_seconds: float = INF,
+                 sync_bytes: Callable[[Algorithm], int] | None = None,
+                 on_step: Callable[[Simulation, str, dict], None] | None = None):
+        self.net = network
+        self.size_of = size_of
+        self.make_algo = make_algo
+        self.target = steps
+        self.max_seconds = max_seconds
+        self.sync_bytes = sync_bytes
+        self.on_step = on_step
+        self.rng = random.Random(seed)
+        self.now = 0.0
+        self.peers = {s.id: PeerState(s) for s in specs}
+        self._heap: list[tuple[float, int, Event]] = []
+        self._seq = 0
+        self._joins_pending = 0
+        self._syncing: set[str] = set()  # joiners whose state download is in flight
+        self.counts = {"messages": 0, "joins": 0, "leaves": 0}
+        for s in specs:
+            self._push(s.join_at, Event("join", s.id))
+            if s.leave_at < INF:
+                self._push(s.leave_at, Event("leave", s.id))
+
+    # -- public
+    def alive(self) -> list[str]:
+        return sorted(p for p, st in self.peers.items() if st.alive)
+
+    def run(self) -> None:
+        while True:
+            t_heap = self._heap[0][0] if self._heap else INF
+            t_net = self.net.next_event_time()
+            t = min(t_heap, t_net)
+            if t == INF or t > self.max_seconds or self._finished():
+                break
+            self.now = max(self.now, t)
+            if t_net <= t_heap:
+                for d in self.net.advance(t_net):
+                    self._push(d.at, Event("deliver", d.dst, d))
+                continue
+            _, _, ev = heapq.heappop(self._heap)
+            getattr(self, f"_on_{ev.kind}")(ev)
+        for st in self.peers.values():
+            if st.alive:
+                st.present_seconds += self.now - st.present_since
+                st.present_since = self.now
+
+    # -- events
+    def _on_join(self, ev: Event) -> None:
+        self._joins_pending -= 1
+        st = self.peers[ev.peer]
+        self.net.add_peer(ev.peer, st.spec.link, st.spec.region)
+        donors = [p for p in self.alive() if self.peers[p].steps > 0]
+        st.algo = self.make_algo(st.spec)
+        if donors and self.sync_bytes is not None:
+            # A joiner syncs state from a live peer before it contributes.
+            donor = self.rng.choice(donors)
+            self.counts["joins"] += 1
+            self._syncing.add(ev.peer)
+            self.net.send(donor, ev.peer, self.sync_bytes(self.peers[donor].algo),
+                          SyncState(donor), self.now)
+            return
+        self._activate(ev.peer)
+
+    def _activate(self, peer: str) -> None:
+        st = self.peers[peer]
+        st.alive = True
+        st.present_since = self.now
+        self._membership_changed()
+
+    def _on_leave(self, ev: Event) -> None:
+        st = self.peers[ev.peer]
+        if not st.alive:
+            return
+        st.alive = False
+        st.busy = False
+        st.present_seconds += self.now - st.present_since
+        self.counts["leaves"] += 1
+        self.net.remove_peer(ev.peer, self.now)
+        self._syncing.discard(ev.peer)
+        self._membership_changed()
+        if st.spec.rejoin_after > 0:
+            st.algo = None  # it comes back as a new process that must sync
+            st.spec.leave_after_steps = None
+            self._push(self.now + st.spec.rejoin_after, Event("join", ev.peer))
+
+    def _on_step(self, ev: Event) -> None:
+        st = self.peers[ev.peer]
+        if not st.alive:
+            return
+        st.busy = False
+        st.busy_seconds += ev.data
+        st.steps += 1
+        info = st.algo.on_local_step(self.now)
+        if "loss" in info:
+            st.step_losses.append(info["loss"])
+        if self.on_step is not None:
+            self.on_step(self, ev.peer, info)
+        self._after_feed(ev.peer)
+        if st.steps == st.spec.leave_after_steps:
+            self._on_leave(Event("leave", ev.peer))
+
+    def _on_deliver(self, ev: Event) -> None:
+        st = self.peers[ev.peer]
+        d = ev.data
+        if isinstance(d.payload, SyncState):
+            self._syncing.discard(ev.peer)
+            if not st.alive and st.algo is not None:
+                # State sync for a joiner finished: copy the donor's state as it is now.
+                donor = self.peers[d.payload.donor]
+                if donor.algo is not None:
+                    st.algo.import_state(donor.algo.export_state())
+                    st.steps = donor.steps
+                self._activate(ev.peer)
+            return
+        if not st.alive:
+            return
+        self.counts["messages"] += 1
+        st.algo.on_message(d.src, d.payload, self.now)
+        self._after_feed(ev.peer)
+
+    def _on_timer(self, ev: Event) -> None:
+        st = self.peers[ev.peer]
+        if not st.alive or ev.data != st.timer_version:
+            return
+        st.algo.on_timer(self.now)
+        self._after_feed(ev.peer)
+
+    # -- helpers
+    def _after_feed(self, peer: str) -> None:
+        """Flush the outbox, re-arm the timer, start the next step if allowed."""
+        st = self.peers[peer]
+        for send in st.algo.outbox():
+            size = self.size_of(send.msg)
+            dests = [p for p in self.alive() if p != peer] if send.to == EVERYONE else [send.to]
+            for dst in dests:
+                self.net.send(peer, dst, size, send.msg, self.now)
+        st.timer_version += 1
+        deadline = st.algo.next_deadline()
+        if deadline is not None:
+            self._push(max(deadline, self.now), Event("timer", peer, st.timer_version))
+        self._maybe_start(peer)
+
+    def _maybe_start(self, peer: str) -> None:
+        st = self.peers[peer]
+        if not st.alive or st.busy or st.steps >= self.target or not st.algo.can_step():
+            return
+        spec = st.spec
+        dt = spec.step_seconds * (1 + spec.jitter * (2 * self.rng.random() - 1))
+        if st.slow_left == 0 and spec.straggler_prob > 0 and \
+                self.rng.random() < spec.straggler_prob:
+            st.slow_left = spec.straggler_steps
+        if st.slow_left > 0:
+            st.slow_left -= 1
+            dt *= spec.straggler_factor
+        st.busy = True
+        self._push(self.now + dt, Event("step", peer, dt))
+
+    def _membership_changed(self) -> None:
+        members = frozenset(self.alive())
+        for p in members:
+            self.peers[p].algo.on_peers(members, self.now)
+        for p in sorted(members):
+            self._after_feed(p)
+
+    def _finished(self) -> bool:
+        alive = [st for st in self.peers.values() if st.alive]
+        if self._joins_pending or self._syncing:
+            return False
+        return all(st.steps >= self.target for st in alive) and \
+            all(st.algo.next_deadline() is None for st in alive)
+
+    def _push(self, at: float, ev: Event) -> None:
+        self._joins_pending += ev.kind == "join"
+        self._seq += 1
+        heapq.heappush(self._heap, (at, self._seq, ev))

@@ -1,0 +1,116 @@
+"""One simulated run of one algorithm: build peers, run the engine, measure.
+
+The driver is thin: the algorithm objects do the work; this module wires them to the
+engine, evaluates validation loss at fixed step counts, and turns the engine's clocks and
+the network's byte counters into the summary numbers.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from byteswarm.optim.config import opt
+from byteswarm.protocols import wire
+
+from .algos import ALGOS, Workload
+from .engine import Simulation
+from .scenario import Scenario
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimConfig:
+    scenario: str = opt("global-mixed", "scenario name (datacenter, home-broadband, "
+                        "global-mixed, mobile-churn) or path to a TOML file")
+    algo: str = opt("spsa,noloco,diloco", "algorithms to compare, comma-separated")
+    peers: int = opt(8, "simulated peers", lo=1, hi=100_000)
+    steps: int = opt(300, "local steps per peer", lo=1)
+    eval_every: int = opt(50, "evaluate validation loss every this many local steps", lo=1)
+    eval_peers: int = opt(2, "peers whose replicas are evaluated (mean is reported)", lo=1)
+    seed: int = opt(0, "seed for init, data, network and compute draws", lo=0, hi=2**62)
+    max_hours: float = opt(1000.0, "stop a run after this much virtual time", lo=0.0,
+                           lo_open=True)
+
+
+@dataclass
+class RunResult:
+    algo: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def wire_size(msg: Any, swarm: str) -> int:
+    return len(wire.encode(msg, swarm=swarm))
+
+
+def run_algorithm(name: str, algo_cfg: Any, sim: SimConfig, scenario: Scenario, w: Workload,
+                  *, progress: Callable[[int], None] | None = None) -> RunResult:
+    entry = ALGOS[name]
+    specs = scenario.peer_specs(sim.peers, sim.steps, entry.forwards_per_step)
+    ids = [s.id for s in specs]
+    by_id = {s.id: k for k, s in enumerate(specs)}
+    eval_ids = set(ids[: sim.eval_peers])
+    result = RunResult(name)
+    swarm = getattr(algo_cfg, "swarm", "sim")
+
+    def make(spec):
+        return entry.make(algo_cfg, spec.id, by_id[spec.id], len(ids), ids, w)
+
+    def on_step(engine: Simulation, peer: str, info: dict) -> None:
+        st = engine.peers[peer]
+        if progress is not None:
+            progress(1)
+        if peer in eval_ids and st.steps % sim.eval_every == 0:
+            recent = st.step_losses[-sim.eval_every:]
+            result.rows.append({"algo": name, "peer": peer, "step": st.steps,
+                                "time": round(engine.now, 6),
+                                "loss": round(statistics.fmean(recent), 6),
+                                "val_loss": round(st.algo.evaluate(), 6)})
+
+    engine = Simulation(specs, make, scenario.network(sim.seed), steps=sim.steps, seed=sim.seed,
+                        size_of=lambda m: wire_size(m, swarm),
+                        max_seconds=sim.max_hours * 3600,
+                        sync_bytes=entry.sync_bytes, on_step=on_step)
+    engine.run()
+
+    alive = [st for st in engine.peers.values() if st.alive]
+    final = [st.algo.evaluate() for st in alive if st.spec.id in eval_ids]
+    if not final and alive:
+        final = [alive[0].algo.evaluate()]
+    sent = [engine.net.bytes_sent.get(p, 0) for p in ids]
+    received = [engine.net.bytes_received.get(p, 0) for p in ids]
+    present = {p: st for p, st in engine.peers.items() if st.present_seconds > 0}
+    idle = {p: max(0.0, st.present_seconds - st.busy_seconds) for p, st in present.items()}
+    rounds_per_step = entry.rounds_per_step(algo_cfg)
+    sync = [idle[p] / max(1.0, st.steps * rounds_per_step) for p, st in present.items()]
+    stats = [st.algo.stats() for st in alive]
+    result.summary = {
+        "final_val_loss": statistics.fmean(final) if final else None,
+        "virtual_seconds": round(engine.now, 6),
+        "steps": sim.steps,
+        "peers": sim.peers,
+        "peers_alive_at_end": len(alive),
+        "bytes_sent_per_peer": {"mean": statistics.fmean(sent), "max": max(sent)},
+        "bytes_received_per_peer": {"mean": statistics.fmean(received), "max": max(received)},
+        "idle_fraction": statistics.fmean(idle[p] / present[p].present_seconds
+                                          for p in present) if present else 0.0,
+        "sync_seconds_mean": statistics.fmean(sync) if sync else 0.0,
+        "messages_delivered": engine.counts["messages"],
+        "joins": engine.counts["joins"], "leaves": engine.counts["leaves"],
+        "rejects": _sum_rejects(stats),
+    }
+    if name == "spsa":
+        result.summary["replicas_identical"] = len({st.algo.fingerprint() for st in alive
+                                                    if st.algo.closed == max(
+                                                        a.algo.closed for a in alive)}) == 1
+    return result
+
+
+def _sum_rejects(stats: list[dict]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for s in stats:
+        for k, v in s.get("rejects", {}).items():
+            total[k] = total.get(k, 0) + v
+    return dict(sorted(total.items()))
