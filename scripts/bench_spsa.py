@@ -78,6 +78,48 @@ def probe_update(n: int, tag: str, repeats: int, records: int = 8) -> dict[str, 
     return {f"update_s_{tag}_{records}rec": t, f"update_ratio_{tag}_{records}rec": t / base}
 
 
+def probe_step_small(repeats: int) -> dict[str, float]:
+    """One SPSA step of a lone peer on the small preset (two perturbed forward passes, the
+    byte, closing the step: an update of θ and of the final snapshot) against two plain
+    forward passes of the same model on the same batch."""
+    from byteswarm.optim.data import Corpus, DataConfig
+    from byteswarm.optim.model import ModelConfig, build_model, lm_loss
+    from byteswarm.optim.spsa import SPSA, SPSAConfig
+
+    corpus = Corpus.load(DataConfig(max_bytes=2_000_000))
+    cfg = ModelConfig(preset="small")
+    seq = cfg.resolved().context
+    shard = corpus.shard(0, 1)
+    peer = SPSA(SPSAConfig(finality_steps=1), "p0", build_model(cfg), shard, [],
+                batch_size=32, seq_len=seq, peers=frozenset({"p0"}))
+    plain = build_model(cfg)
+    x, y = shard.batch(0, 32, seq)
+
+    def two_forwards() -> None:
+        with torch.no_grad():
+            lm_loss(plain, x, y)
+            lm_loss(plain, x, y)
+
+    def step() -> None:
+        peer.on_local_step(0.0)
+        peer.outbox()
+
+    base, t = paired_seconds(two_forwards, step, repeats)
+    return {"two_forwards_s_small": base, "step_s_small": t, "step_ratio_small": t / base,
+            "params_small": peer.flat.n_params}
+
+
+def probe_record_bytes() -> dict[str, int]:
+    """A record as encoded for the wire, with a libp2p-length peer id (52 characters)."""
+    from byteswarm.optim.spsa import Record
+    from byteswarm.protocols import wire
+
+    peer = "12D3KooW" + "x" * 44
+    return {"record_bytes": len(wire.encode(Record(10**6, peer, -57), swarm="byteswarm")),
+            "record_bytes_short_id": len(wire.encode(Record(10**6, "p0007", -57),
+                                                     swarm="byteswarm"))}
+
+
 def run(quick: bool) -> dict[str, object]:
     small, large = (1_000_000, 4_000_000) if quick else (10_000_000, 100_000_000)
     result: dict[str, object] = {
@@ -87,6 +129,8 @@ def run(quick: bool) -> dict[str, object]:
     result.update(probe_perturb(small, "10m", repeats=15, naive=True))
     result.update(probe_perturb(large, "100m", repeats=7, naive=True))
     result.update(probe_update(small, "10m", repeats=15))
+    result.update(probe_step_small(repeats=3 if quick else 10))
+    result.update(probe_record_bytes())
     result["compile_fallback"] = compile_fallback_reason()
     return result
 
@@ -104,6 +148,10 @@ def print_table(r: dict[str, object]) -> None:
             print(f"{label:<28}{r['n_' + tag]:>12,}{s:>12.5f}{ratio:>8.2f}x")
     for tag in ("10m", "100m"):
         print(f"{'theta.add_(0.001)':<28}{r['n_' + tag]:>12,}{r[f'add_s_{tag}']:>12.5f}")
+    print(f"{'SPSA step, small preset':<28}{r['params_small']:>12,}{r['step_s_small']:>12.5f}"
+          f"{r['step_ratio_small']:>8.2f}x  (to two forward passes)")
+    print(f"record on the wire: {r['record_bytes']} bytes "
+          f"({r['record_bytes_short_id']} with a short peer id)")
     if r.get("compile_fallback"):
         print(f"WARNING: compiled path fell back to the reference: {r['compile_fallback']}")
 
