@@ -40,7 +40,7 @@ from .config import ConfigError, opt, validate
 from .data import Shard
 from .noloco import CODEC_NAMES, InnerLoop, check_share, codec_options, flatten, load_flat_
 from .outer import IMPLS, diloco_outer_step_, group_mean
-from .sansio import PhaseTable, RejectCounter, Rejected, Send
+from .sansio import Mailbox, PhaseTable, Rejected, Send
 from .train import evaluate
 
 
@@ -112,7 +112,7 @@ TRAIN, REDUCE, GATHER = "train", "reduce", "gather"
 MOVES = {TRAIN: {REDUCE}, REDUCE: {GATHER}, GATHER: {TRAIN}}
 
 
-class DiLoCo:
+class DiLoCo(Mailbox):
     """Sans-IO DiLoCo for one peer (see the module docstring and optim/sansio.py)."""
 
     Config = DiLoCoConfig
@@ -131,18 +131,15 @@ class DiLoCo:
         self.theta = torch.empty_like(self.phi)  # (N,) θ at the exchange
         self.grad = torch.empty_like(self.phi)  # (N,) own outer gradient φ − θ
         self.numel = self.phi.numel()
-        self.peers = frozenset(peers) | {peer_id}
+        self._init_mailbox(peer_id, peers)
         self.round = 0
         self.inner_done = 0
         self.phases = PhaseTable(TRAIN, MOVES)
         self.members: list[str] = [peer_id]
         self.bounds: list[tuple[int, int]] = [(0, self.numel)]
-        self.deadline: float | None = None
         self.inbox: dict[str, dict[int, dict[str, Any]]] = {REDUCE: {}, GATHER: {}}
         self.parts: dict[int, torch.Tensor] = {}  # part index -> averaged part (gather)
         self._codecs: dict[tuple, Any] = {}
-        self._out: list[Send] = []
-        self.rejects = RejectCounter()
         self.counts = {"rounds_completed": 0, "rounds_with_partner": 0, "rounds_alone": 0,
                        "timeouts": 0, "bytes_sent": 0, "contributions_used": 0,
                        "parts_missing": 0}
@@ -160,23 +157,8 @@ class DiLoCo:
             self._begin_reduce(now)
         return out
 
-    def on_message(self, sender: str, msg: Any, now: float) -> None:
-        try:
-            self._accept(sender, msg)
-        except Rejected as e:
-            self.rejects.add(e.reason)
-            return
-        self._advance(now)
 
-    def on_peers(self, peers: frozenset[str], now: float) -> None:
-        self.peers = frozenset(peers) | {self.peer_id}
 
-    def outbox(self) -> list[Send]:
-        out, self._out = self._out, []
-        return out
-
-    def next_deadline(self) -> float | None:
-        return self.deadline
 
     def on_timer(self, now: float) -> None:
         if self.deadline is None or now < self.deadline:
@@ -215,6 +197,9 @@ class DiLoCo:
                 "rejects": self.rejects.snapshot()}
 
     # -- internals
+    def _after_message(self, now: float) -> None:
+        self._advance(now)
+
     def _codec(self, key: tuple) -> Any:
         """One codec per stream (stage, part, n_parts): top-k's residual is per stream."""
         if key not in self._codecs:

@@ -41,7 +41,7 @@ from .config import ConfigError, opt, validate
 from .data import Shard
 from .model import lm_loss
 from .outer import IMPLS, check_noloco_stability, group_mean, noloco_outer_step_
-from .sansio import PhaseTable, RejectCounter, Rejected, Send
+from .sansio import Mailbox, PhaseTable, Rejected, Send
 from .seeds import derive_seed
 from .train import evaluate
 
@@ -203,7 +203,7 @@ TRAIN, WAIT = "train", "wait"
 MOVES = {TRAIN: {WAIT}, WAIT: {TRAIN}}
 
 
-class NoLoCo:
+class NoLoCo(Mailbox):
     """Sans-IO NoLoCo for one peer (see the module docstring and optim/sansio.py)."""
 
     Config = NoLoCoConfig
@@ -223,15 +223,12 @@ class NoLoCo:
         self.numel = self.phi.numel()
         self.update_codec = make_codec(cfg.codec, **codec_options(cfg.codec, cfg))
         self.phi_codec = make_codec(cfg.phi_codec_, **codec_options(cfg.phi_codec_, cfg))
-        self.peers = frozenset(peers) | {peer_id}
+        self._init_mailbox(peer_id, peers)
         self.round = 0
         self.inner_done = 0
         self.phases = PhaseTable(TRAIN, MOVES)
         self.group: list[str] = [peer_id]
-        self.deadline: float | None = None
         self.inbox: dict[int, dict[str, NoLoCoShare]] = {}  # round -> sender -> share
-        self._out: list[Send] = []
-        self.rejects = RejectCounter()
         self.counts = {"rounds_completed": 0, "rounds_with_partner": 0, "rounds_alone": 0,
                        "timeouts": 0, "bytes_sent": 0, "shares_used": 0}
 
@@ -248,23 +245,8 @@ class NoLoCo:
             self._begin_exchange(now)
         return out
 
-    def on_message(self, sender: str, msg: Any, now: float) -> None:
-        try:
-            self._accept(sender, msg)
-        except Rejected as e:
-            self.rejects.add(e.reason)
-            return
-        self._maybe_apply()
 
-    def on_peers(self, peers: frozenset[str], now: float) -> None:
-        self.peers = frozenset(peers) | {self.peer_id}
 
-    def outbox(self) -> list[Send]:
-        out, self._out = self._out, []
-        return out
-
-    def next_deadline(self) -> float | None:
-        return self.deadline
 
     def on_timer(self, now: float) -> None:
         if self.phases.phase == WAIT and self.deadline is not None and now >= self.deadline:
@@ -297,6 +279,9 @@ class NoLoCo:
                 "rejects": self.rejects.snapshot()}
 
     # -- internals
+    def _after_message(self, now: float) -> None:
+        self._maybe_apply()
+
     def _begin_exchange(self, now: float) -> None:
         self.theta = flatten(self.model)
         self.group = group_of(self.peer_id, self.round, self.peers, self.cfg.seed,

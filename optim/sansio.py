@@ -80,6 +80,45 @@ class RejectCounter:
         return sum(self._by_reason.values())
 
 
+class Mailbox:
+    """The bookkeeping every algorithm object shares: who is in the swarm, what waits to be
+    sent, the one pending deadline, and junk counted by reason.
+
+    Subclasses implement ``_accept(sender, msg)`` (raise ``Rejected`` on junk) and
+    ``_after_message(now)`` (what an accepted message may unblock)."""
+
+    def _init_mailbox(self, peer_id: str, peers: frozenset[str]) -> None:
+        self.peer_id = peer_id
+        self.peers = frozenset(peers) | {peer_id}
+        self.deadline: float | None = None
+        self._out: list[Send] = []
+        self.rejects = RejectCounter()
+
+    def on_peers(self, peers: frozenset[str], now: float) -> None:
+        self.peers = frozenset(peers) | {self.peer_id}
+
+    def on_message(self, sender: str, msg: Any, now: float) -> None:
+        try:
+            self._accept(sender, msg)
+        except Rejected as e:
+            self.rejects.add(e.reason)
+            return
+        self._after_message(now)
+
+    def outbox(self) -> list[Send]:
+        out, self._out = self._out, []
+        return out
+
+    def next_deadline(self) -> float | None:
+        return self.deadline
+
+    def _accept(self, sender: str, msg: Any) -> None:
+        raise NotImplementedError
+
+    def _after_message(self, now: float) -> None:
+        raise NotImplementedError
+
+
 class PhaseTable:
     """Legal phase transitions, h11-style: ``move(a, b)`` raises on an illegal one."""
 

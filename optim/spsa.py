@@ -48,7 +48,7 @@ from .data import Shard
 from .flat import FlatParams
 from .kernels import perturb, update_
 from .model import lm_loss
-from .sansio import EVERYONE, RejectCounter, Rejected, Send
+from .sansio import EVERYONE, Mailbox, Rejected, Send
 from .seeds import derive_seed
 from .train import evaluate
 
@@ -213,12 +213,12 @@ def replay(snap: Snapshot, log: dict[int, dict[str, int]], to_step: int,
     return out
 
 
-class SPSA:
+class SPSA(Mailbox):
     """Sans-IO seeded SPSA for one peer (see module docstring and optim/sansio.py)."""
 
     def __init__(self, cfg: SPSAConfig, peer_id: str, model: torch.nn.Module, shard: Shard,
                  val: list, *, batch_size: int, seq_len: int, peers: frozenset[str] = frozenset()):
-        self.cfg, self.peer_id = cfg, peer_id
+        self.cfg = cfg
         self.model, self.shard, self.val = model, shard, val
         self.batch_size, self.seq_len = batch_size, seq_len
         self.flat = FlatParams(model)  # the model reads its weights from flat.buffer
@@ -227,11 +227,8 @@ class SPSA:
         self.snap = Snapshot(-1, self.theta.clone())
         self.records: dict[int, dict[str, int]] = {}  # step -> peer -> q, steps > snap.step
         self.expected: dict[int, frozenset[str]] = {}
-        self.peers = frozenset(peers) | {peer_id}
+        self._init_mailbox(peer_id, peers)
         self.closed = -1  # last step closed locally (applied to self.theta)
-        self.deadline: float | None = None
-        self._out: list[Send] = []
-        self.rejects = RejectCounter()
         self.counts = {"records_sent": 0, "records_applied": 0, "late_records": 0,
                        "replays": 0, "steps_closed": 0, "steps_timed_out": 0}
 
@@ -247,8 +244,6 @@ class SPSA:
     def can_step(self) -> bool:
         return self.peer_id not in self.records.get(self.step, {})
 
-    def on_peers(self, peers: frozenset[str], now: float) -> None:
-        self.peers = frozenset(peers) | {self.peer_id}
 
     def on_local_step(self, now: float) -> dict[str, float]:
         if not self.can_step():
@@ -271,20 +266,8 @@ class SPSA:
         self._maybe_close(now)
         return {"loss": 0.5 * (losses[0] + losses[1]), "g": g, "q": float(q)}
 
-    def on_message(self, sender: str, msg: object, now: float) -> None:
-        try:
-            self._accept(msg)
-        except Rejected as e:
-            self.rejects.add(e.reason)
-            return
-        self._maybe_close(now)
 
-    def outbox(self) -> list[Send]:
-        out, self._out = self._out, []
-        return out
 
-    def next_deadline(self) -> float | None:
-        return self.deadline
 
     def on_timer(self, now: float) -> None:
         if self.deadline is not None and now >= self.deadline:
@@ -320,7 +303,7 @@ class SPSA:
                 "rejects": self.rejects.snapshot()}
 
     # -- internals
-    def _accept(self, msg: object) -> None:
+    def _accept(self, sender: str, msg: object) -> None:
         if not isinstance(msg, Record):
             raise Rejected("wrong_type", type(msg).__name__)
         if not isinstance(msg.q, int) or not -Q_MAX <= msg.q <= Q_MAX:
@@ -338,6 +321,9 @@ class SPSA:
         if msg.step <= self.closed:  # late: rebuild θ as if it had come on time
             self.counts["late_records"] += 1
             self._replay_live()
+
+    def _after_message(self, now: float) -> None:
+        self._maybe_close(now)
 
     def _maybe_close(self, now: float) -> None:
         t = self.step
