@@ -38,10 +38,10 @@ import torch
 from .codecs import Compressed, decompress, make_codec
 from .config import ConfigError, opt, validate
 from .data import Shard
-from .noloco import CODEC_NAMES, InnerLoop, check_share, codec_options, flatten, load_flat_
+from .inner import TRAIN, LocalUpdate, flatten, load_flat_
+from .noloco import CODEC_NAMES, check_share, codec_options
 from .outer import IMPLS, diloco_outer_step_, group_mean
-from .sansio import Mailbox, PhaseTable, Rejected, Send
-from .train import evaluate
+from .sansio import Rejected, Send
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,11 +108,11 @@ class GatherPart:
     data: Compressed
 
 
-TRAIN, REDUCE, GATHER = "train", "reduce", "gather"
+REDUCE, GATHER = "reduce", "gather"
 MOVES = {TRAIN: {REDUCE}, REDUCE: {GATHER}, GATHER: {TRAIN}}
 
 
-class DiLoCo(Mailbox):
+class DiLoCo(LocalUpdate):
     """Sans-IO DiLoCo for one peer (see the module docstring and optim/sansio.py)."""
 
     Config = DiLoCoConfig
@@ -120,21 +120,10 @@ class DiLoCo(Mailbox):
     def __init__(self, cfg: DiLoCoConfig, peer_id: str, model: torch.nn.Module, shard: Shard,
                  val: list, *, batch_size: int, seq_len: int,
                  peers: frozenset[str] = frozenset()):
-        cfg.check()
-        self.cfg, self.peer_id, self.model, self.val = cfg, peer_id, model, val
-        self.inner = InnerLoop(model, shard, batch_size=batch_size, seq_len=seq_len,
-                               lr=cfg.lr, weight_decay=cfg.weight_decay,
-                               grad_clip=cfg.grad_clip, warmup=cfg.warmup,
-                               decay_steps=cfg.decay_steps, min_lr_ratio=cfg.min_lr_ratio)
-        self.phi = flatten(model)  # (N,) outer weights, the same on every peer
+        self._init_local(cfg, peer_id, model, shard, val, batch_size=batch_size,
+                         seq_len=seq_len, peers=peers, moves=MOVES)
         self.momentum = torch.zeros_like(self.phi)  # (N,) Nesterov buffer
-        self.theta = torch.empty_like(self.phi)  # (N,) θ at the exchange
         self.grad = torch.empty_like(self.phi)  # (N,) own outer gradient φ − θ
-        self.numel = self.phi.numel()
-        self._init_mailbox(peer_id, peers)
-        self.round = 0
-        self.inner_done = 0
-        self.phases = PhaseTable(TRAIN, MOVES)
         self.members: list[str] = [peer_id]
         self.bounds: list[tuple[int, int]] = [(0, self.numel)]
         self.inbox: dict[str, dict[int, dict[str, Any]]] = {REDUCE: {}, GATHER: {}}
@@ -145,21 +134,6 @@ class DiLoCo(Mailbox):
                        "parts_missing": 0}
 
     # -- driver interface
-    def can_step(self) -> bool:
-        return self.phases.phase == TRAIN
-
-    def on_local_step(self, now: float) -> dict[str, float]:
-        if not self.can_step():
-            raise RuntimeError("on_local_step called during the all-reduce")
-        out = self.inner.step()
-        self.inner_done += 1
-        if self.inner_done == self.cfg.inner_steps:
-            self._begin_reduce(now)
-        return out
-
-
-
-
     def on_timer(self, now: float) -> None:
         if self.deadline is None or now < self.deadline:
             return
@@ -168,13 +142,6 @@ class DiLoCo(Mailbox):
             self._finish_reduce(now)
         elif self.phases.phase == GATHER:
             self._finish_round()
-
-    def evaluate(self) -> float:
-        return evaluate(self.model, self.val)
-
-    def state_bytes(self) -> int:
-        """Bytes a joiner downloads: φ and the Nesterov momentum, fp32."""
-        return 2 * 4 * self.numel
 
     def export_state(self) -> dict[str, Any]:
         """What a joiner takes from a donor: the round it is in, φ and the momentum (the
@@ -186,15 +153,9 @@ class DiLoCo(Mailbox):
         """Start the donor's current round from its φ (θ ← φ), dropping any exchange."""
         self.phi.copy_(state["phi"])
         self.momentum.copy_(state["momentum"])
-        load_flat_(self.model, self.phi)
-        self.round, self.inner_done, self.deadline = int(state["round"]), 0, None
+        self._restart(int(state["round"]))
         self.inbox = {REDUCE: {}, GATHER: {}}
         self.parts = {}
-        self.phases = PhaseTable(TRAIN, MOVES)
-
-    def stats(self) -> dict[str, Any]:
-        return {**self.counts, "round": self.round, "phase": self.phases.phase,
-                "rejects": self.rejects.snapshot()}
 
     # -- internals
     def _after_message(self, now: float) -> None:
@@ -218,7 +179,7 @@ class DiLoCo(Mailbox):
         lo, hi = self.bounds[j]
         return v[lo:hi]
 
-    def _begin_reduce(self, now: float) -> None:
+    def _end_inner_phase(self, now: float) -> None:
         self.theta = flatten(self.model)
         torch.sub(self.phi, self.theta, out=self.grad)
         self.members = sorted(self.peers)

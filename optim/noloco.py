@@ -30,7 +30,6 @@ from ours (DESIGN.md §6).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,75 +38,12 @@ import torch
 from .codecs import CODECS, Compressed, decompress, make_codec
 from .config import ConfigError, opt, validate
 from .data import Shard
-from .model import lm_loss
+from .inner import TRAIN, LocalUpdate, flatten, load_flat_
 from .outer import IMPLS, check_noloco_stability, group_mean, noloco_outer_step_
-from .sansio import Mailbox, PhaseTable, Rejected, Send
+from .sansio import Rejected, Send
 from .seeds import derive_seed
-from .train import evaluate
 
 CODEC_NAMES = tuple(CODECS)
-
-
-# --- the inner phase, shared with DiLoCo ---------------------------------------------------
-
-def flatten(model: torch.nn.Module) -> torch.Tensor:
-    """The model's trainable parameters as one new (N,) fp32 vector."""
-    return torch.cat([p.detach().reshape(-1).float() for p in model.parameters()
-                      if p.requires_grad])
-
-
-@torch.no_grad()
-def load_flat_(model: torch.nn.Module, flat: torch.Tensor) -> None:
-    """Copy an (N,) vector into the model's trainable parameters (no aliasing)."""
-    o = 0
-    for p in model.parameters():
-        if p.requires_grad:
-            p.copy_(flat[o:o + p.numel()].view_as(p))
-            o += p.numel()
-
-
-class InnerLoop:
-    """Adam(W) steps on one model and shard: the inner phase of NoLoCo and DiLoCo.
-
-    The learning rate warms up linearly for ``warmup`` steps, then stays constant, or with
-    ``decay_steps`` > 0 follows a cosine down to ``min_lr_ratio``·lr at that step. The
-    optimizer state carries over from round to round, as in both papers.
-    """
-
-    def __init__(self, model: torch.nn.Module, shard: Shard, *, batch_size: int, seq_len: int,
-                 lr: float, weight_decay: float, grad_clip: float, warmup: int,
-                 decay_steps: int, min_lr_ratio: float):
-        self.model, self.shard = model, shard
-        self.batch_size, self.seq_len = batch_size, seq_len
-        self.lr, self.grad_clip = lr, grad_clip
-        self.warmup, self.decay_steps, self.min_lr_ratio = warmup, decay_steps, min_lr_ratio
-        self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                     lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
-        self.step_count = 0
-
-    def lr_at(self, t: int) -> float:
-        if t < self.warmup:
-            return self.lr * (t + 1) / self.warmup
-        if self.decay_steps <= 0:
-            return self.lr
-        frac = min(1.0, (t - self.warmup) / max(1, self.decay_steps - self.warmup))
-        floor = self.lr * self.min_lr_ratio
-        return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * frac))
-
-    def step(self) -> dict[str, float]:
-        t = self.step_count
-        lr = self.lr_at(t)
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-        x, y = self.shard.batch(t, self.batch_size, self.seq_len)
-        loss = lm_loss(self.model, x, y)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.opt.step()
-        self.step_count += 1
-        return {"loss": loss.item(), "lr": lr}
 
 
 def check_share(vec: torch.Tensor, numel: int, what: str) -> None:
@@ -199,11 +135,11 @@ class NoLoCoShare:
     update: Compressed  # θ − φ
 
 
-TRAIN, WAIT = "train", "wait"
+WAIT = "wait"
 MOVES = {TRAIN: {WAIT}, WAIT: {TRAIN}}
 
 
-class NoLoCo(Mailbox):
+class NoLoCo(LocalUpdate):
     """Sans-IO NoLoCo for one peer (see the module docstring and optim/sansio.py)."""
 
     Config = NoLoCoConfig
@@ -211,54 +147,21 @@ class NoLoCo(Mailbox):
     def __init__(self, cfg: NoLoCoConfig, peer_id: str, model: torch.nn.Module, shard: Shard,
                  val: list, *, batch_size: int, seq_len: int,
                  peers: frozenset[str] = frozenset()):
-        cfg.check()
-        self.cfg, self.peer_id, self.model, self.val = cfg, peer_id, model, val
-        self.inner = InnerLoop(model, shard, batch_size=batch_size, seq_len=seq_len,
-                               lr=cfg.lr, weight_decay=cfg.weight_decay,
-                               grad_clip=cfg.grad_clip, warmup=cfg.warmup,
-                               decay_steps=cfg.decay_steps, min_lr_ratio=cfg.min_lr_ratio)
-        self.phi = flatten(model)  # (N,) slow weights
+        self._init_local(cfg, peer_id, model, shard, val, batch_size=batch_size,
+                         seq_len=seq_len, peers=peers, moves=MOVES)
         self.delta = torch.zeros_like(self.phi)  # (N,) outer momentum
-        self.theta = torch.empty_like(self.phi)  # (N,) θ at the exchange
-        self.numel = self.phi.numel()
         self.update_codec = make_codec(cfg.codec, **codec_options(cfg.codec, cfg))
         self.phi_codec = make_codec(cfg.phi_codec_, **codec_options(cfg.phi_codec_, cfg))
-        self._init_mailbox(peer_id, peers)
-        self.round = 0
-        self.inner_done = 0
-        self.phases = PhaseTable(TRAIN, MOVES)
         self.group: list[str] = [peer_id]
         self.inbox: dict[int, dict[str, NoLoCoShare]] = {}  # round -> sender -> share
         self.counts = {"rounds_completed": 0, "rounds_with_partner": 0, "rounds_alone": 0,
                        "timeouts": 0, "bytes_sent": 0, "shares_used": 0}
 
     # -- driver interface
-    def can_step(self) -> bool:
-        return self.phases.phase == TRAIN
-
-    def on_local_step(self, now: float) -> dict[str, float]:
-        if not self.can_step():
-            raise RuntimeError("on_local_step called while waiting for the group")
-        out = self.inner.step()
-        self.inner_done += 1
-        if self.inner_done == self.cfg.inner_steps:
-            self._begin_exchange(now)
-        return out
-
-
-
-
     def on_timer(self, now: float) -> None:
         if self.phases.phase == WAIT and self.deadline is not None and now >= self.deadline:
             self.counts["timeouts"] += 1
             self._apply()
-
-    def evaluate(self) -> float:
-        return evaluate(self.model, self.val)
-
-    def state_bytes(self) -> int:
-        """Bytes a joiner downloads: φ and the outer momentum δ, fp32."""
-        return 2 * 4 * self.numel
 
     def export_state(self) -> dict[str, Any]:
         """What a joiner takes from a donor: the round it is in, φ and δ (the inner Adam
@@ -269,20 +172,14 @@ class NoLoCo(Mailbox):
         """Start the donor's current round from its φ (θ ← φ), dropping any exchange."""
         self.phi.copy_(state["phi"])
         self.delta.copy_(state["delta"])
-        load_flat_(self.model, self.phi)
-        self.round, self.inner_done, self.deadline = int(state["round"]), 0, None
+        self._restart(int(state["round"]))
         self.inbox = {}
-        self.phases = PhaseTable(TRAIN, MOVES)
-
-    def stats(self) -> dict[str, Any]:
-        return {**self.counts, "round": self.round, "phase": self.phases.phase,
-                "rejects": self.rejects.snapshot()}
 
     # -- internals
     def _after_message(self, now: float) -> None:
         self._maybe_apply()
 
-    def _begin_exchange(self, now: float) -> None:
+    def _end_inner_phase(self, now: float) -> None:
         self.theta = flatten(self.model)
         self.group = group_of(self.peer_id, self.round, self.peers, self.cfg.seed,
                               self.cfg.group_size)
