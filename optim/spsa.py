@@ -228,6 +228,9 @@ class SPSA(Mailbox):
         self.records: dict[int, dict[str, int]] = {}  # step -> peer -> q, steps > snap.step
         self.expected: dict[int, frozenset[str]] = {}
         self._init_mailbox(peer_id, peers)
+        # Records are accepted from anyone who has been a member, not only current ones: a
+        # peer that just left may have records in flight that others already applied.
+        self.known = set(self.peers)
         self.closed = -1  # last step closed locally (applied to self.theta)
         self.counts = {"records_sent": 0, "records_applied": 0, "late_records": 0,
                        "replays": 0, "steps_closed": 0, "steps_timed_out": 0}
@@ -308,7 +311,7 @@ class SPSA(Mailbox):
             raise Rejected("wrong_type", type(msg).__name__)
         if not isinstance(msg.q, int) or not -Q_MAX <= msg.q <= Q_MAX:
             raise Rejected("byte_out_of_range", repr(msg.q))
-        if msg.peer not in self.peers:
+        if msg.peer not in self.known:
             raise Rejected("unknown_peer", msg.peer)
         if msg.step <= self.snap.step:
             raise Rejected("too_late", f"step {msg.step} is final")
@@ -321,6 +324,10 @@ class SPSA(Mailbox):
         if msg.step <= self.closed:  # late: rebuild θ as if it had come on time
             self.counts["late_records"] += 1
             self._replay_live()
+
+    def on_peers(self, peers: frozenset[str], now: float) -> None:
+        super().on_peers(peers, now)
+        self.known |= self.peers
 
     def _after_message(self, now: float) -> None:
         self._maybe_close(now)

@@ -181,3 +181,14 @@ def test_eight_peers_learn_and_beat_one_peer(corpus):
     end1 = one.evaluate()
     assert start - end8 >= 1.5, (start, end8)
     assert end8 < end1 - 0.2, (end8, end1)
+
+
+def test_records_of_a_peer_that_just_left_still_count(corpus):
+    a, b = make_peers(corpus, 2, SPSAConfig())
+    b.on_local_step(0.0)
+    (send,) = b.outbox()
+    a.on_peers(frozenset({"p00"}), 0.0)  # a learns that b left, b's record still in flight
+    a.on_message("p01", send.msg, 0.0)
+    assert a.stats()["rejects"] == {}
+    a.on_local_step(0.0)  # alone now: the step closes with both records
+    assert a.stats()["records_applied"] == 2
