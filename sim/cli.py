@@ -6,6 +6,10 @@ metrics.jsonl (validation loss by algorithm, peer, step and virtual time), summa
 sync_seconds_mean, steps, …) and PNG plots: loss vs virtual time, loss vs step, bytes per
 peer and idle fraction, all algorithms on one chart. Same seed, same summary.
 
+With --no-train (analytic mode, sim/analytic.py) nothing is trained: the real protocol
+objects run on a stand-in workload while the network carries the configured model's
+message sizes, which scales timing studies to thousands of peers.
+
 Algorithm settings go in a TOML file (--config) as [spsa], [noloco] and [diloco] tables;
 the run itself in [sim], the workload in [model] and [data]. Flags override the file.
 """
@@ -38,6 +42,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", metavar="FILE", help="TOML file with [sim], [model], [data], "
                    + ", ".join(f"[{a}]" for a in ALGOS) + " tables")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-train", action="store_true",
+                   help="analytic mode: real protocols, stand-in training, the configured "
+                   "model's message sizes; timing only, scales to 1024+ peers")
+    p.add_argument("--fast-bytes", type=float, metavar="BYTES",
+                   help="with --no-train: messages up to this size skip flow sharing for "
+                   "per-link FIFO queues (default: 1500; 1e12 for DiLoCo at 128+ peers)")
     for name, cls in SECTIONS.items():
         C.add_arguments(p, cls, title=f"{name} options")
     p.set_defaults(func=run)
@@ -67,6 +77,10 @@ def run(args: argparse.Namespace) -> int:
     sim, mcfg, dcfg, algo_cfgs = load_configs(args)
     scenario = load_scenario(sim.scenario)
     out = Path(args.out)
+    if getattr(args, "no_train", False):
+        from .analytic import run_cli
+
+        return run_cli(args, sim, mcfg, algo_cfgs, scenario, out)
     corpus = Corpus.load(dcfg)
     seq_len = mcfg.resolved().context
     corpus.check_fits(seq_len)

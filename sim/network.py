@@ -14,6 +14,18 @@ side of cost).
 
 Time is virtual and passed in; the model never sleeps. Every random draw comes from a
 seeded ``random.Random``, so a run is a function of its seed.
+
+Fast path. Messages of at most ``fast_bytes`` (0, the default: none) skip flow sharing,
+which costs O(flows at both endpoints) per event and so O(N³) for an N-peer all-to-all.
+Each peer's uplink and downlink are instead FIFO queues that a message passes through
+back to back (cut-through): it leaves the uplink after the messages queued before it,
+reaches the receiver's downlink one latency later and cannot be delivered faster than
+either link allows. One message on idle links arrives after latency + size / min(up,
+down), exactly as a lone flow does; k messages through one link take k·size/rate, as k
+shared flows do (same finish for the last, staggered rather than simultaneous for the
+others). Fast messages and flows do not slow each other down. A lost attempt costs one
+``rto`` (its bytes are not queued again). O(1) per message: what SPSA's per-step
+broadcast of one-byte records needs at a thousand peers.
 """
 
 from __future__ import annotations
@@ -72,6 +84,7 @@ class Network:
     region_of: dict[str, str] = field(default_factory=dict)
     rto: float = 1.0  # seconds before a lost attempt is retried
     seed: int = 0
+    fast_bytes: float = 0  # messages up to this size take the FIFO fast path (0: none)
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -84,6 +97,10 @@ class Network:
         self._next_id = 0
         self.bytes_sent: dict[str, int] = {}
         self.bytes_received: dict[str, int] = {}
+        self._up_free: dict[str, float] = {}  # fast path: when each FIFO queue drains
+        self._down_free: dict[str, float] = {}
+        self._ready: list[Delivery] = []  # fast-path messages not yet handed out
+        self._ready_since = INF  # the earliest send time among them
 
     # -- topology
     def add_peer(self, peer: str, link: Link, region: str = "") -> None:
@@ -98,6 +115,7 @@ class Network:
             self._finish(fid, now, deliver=False)
         for fid in [i for i, f in self._flows.items() if peer in (f.src, f.dst)]:
             del self._flows[fid]  # waiting to be retried
+        self._ready = [d for d in self._ready if peer not in (d.src, d.dst)]
         self.links.pop(peer, None)
 
     def one_way_latency(self, a: str, b: str) -> float:
@@ -109,6 +127,9 @@ class Network:
     def send(self, src: str, dst: str, size: int, payload: Any, now: float) -> None:
         if src not in self.links or dst not in self.links:
             return  # a peer that left neither sends nor receives
+        if self.fast_bytes > 0 and size <= self.fast_bytes:
+            self._send_fast(src, dst, size, payload, now)
+            return
         fid = self._next_id
         self._next_id += 1
         self._flows[fid] = Flow(src, dst, size, payload, now, remaining=float(size), updated=now)
@@ -118,6 +139,8 @@ class Network:
     def next_event_time(self) -> float:
         self._drop_stale()
         t = self._heap[0][0] if self._heap else INF
+        if self._ready:
+            t = min(t, self._ready_since)
         if self._pending_start:
             t = min(t, self._pending_start[0][0])
         return t
@@ -126,6 +149,8 @@ class Network:
         """Process every flow event up to ``now``; return messages fully sent by then
         (their ``at`` adds propagation latency, so it may lie after ``now``)."""
         out: list[Delivery] = []
+        if self._ready and self._ready_since <= now:
+            out, self._ready, self._ready_since = self._ready, [], INF
         while True:
             self._drop_stale()
             t_retry = self._pending_start[0][0] if self._pending_start else INF
@@ -151,6 +176,26 @@ class Network:
             self.bytes_received[flow.dst] = self.bytes_received.get(flow.dst, 0) + flow.size
             out.append(Delivery(arrive, flow.src, flow.dst, flow.payload, flow.size,
                                 flow.attempts))
+
+    # -- fast path (see the module docstring)
+    def _send_fast(self, src: str, dst: str, size: int, payload: Any, now: float) -> None:
+        up, down = self.links[src].up, self.links[dst].down
+        latency = self.one_way_latency(src, dst)
+        u0 = max(now, self._up_free.get(src, 0.0))  # leaves the uplink queue
+        u1 = u0 + (size / up if up < INF else 0.0)
+        self._up_free[src] = u1
+        d0 = max(u0 + latency, self._down_free.get(dst, 0.0))  # reaches the downlink
+        d1 = max(d0 + (size / down if down < INF else 0.0), u1 + latency)
+        self._down_free[dst] = d1
+        attempts, p = 1, 1 - (1 - self.links[src].loss) * (1 - self.links[dst].loss)
+        while attempts <= 50 and p > 0 and self.rng.random() < p:
+            attempts += 1
+        j = self.links[src].jitter + self.links[dst].jitter
+        at = d1 + (self.rng.random() * j if j > 0 else 0.0) + self.rto * (attempts - 1)
+        self.bytes_sent[src] = self.bytes_sent.get(src, 0) + size
+        self.bytes_received[dst] = self.bytes_received.get(dst, 0) + size
+        self._ready.append(Delivery(at, src, dst, payload, size, attempts))
+        self._ready_since = min(self._ready_since, now)
 
     # -- internals
     def _loss(self, flow: Flow) -> float:
