@@ -46,8 +46,8 @@ from byteswarm.optim.diloco import DiLoCoConfig, ReducePart
 from byteswarm.optim.model import ModelConfig, build_model, lm_loss
 from byteswarm.optim.noloco import NoLoCoConfig, NoLoCoShare, draw_groups
 from byteswarm.optim.spsa import SPSAConfig
+from byteswarm.optim.workload import Workload
 from byteswarm.sim import plots
-from byteswarm.sim.algos import Workload
 from byteswarm.sim.analytic import MessageSizer, model_numels, run_analytic
 from byteswarm.sim.network import Network
 from byteswarm.sim.runner import SimConfig, run_algorithm

@@ -45,10 +45,10 @@ from byteswarm.optim.flat import FlatParams
 from byteswarm.optim.model import VOCAB, ModelConfig, build_model, count_params
 from byteswarm.optim.noloco import NoLoCoShare
 from byteswarm.optim.sansio import Algorithm
+from byteswarm.optim.workload import ALGOS
 from byteswarm.protocols import tensors, wire
 from torch import nn
 
-from .algos import ALGOS
 from .engine import Event, Simulation
 from .runner import RunResult, SimConfig
 from .scenario import Scenario

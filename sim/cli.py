@@ -21,13 +21,13 @@ import time
 from pathlib import Path
 
 from byteswarm.optim import config as C
-from byteswarm.optim.data import Corpus, DataConfig
+from byteswarm.optim.data import DataConfig
 from byteswarm.optim.files import MetricsLog, save_json
 from byteswarm.optim.model import ModelConfig
+from byteswarm.optim.workload import ALGOS, load_workload
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import plots
-from .algos import ALGOS, Workload
 from .runner import SimConfig, run_algorithm
 from .scenario import load_scenario
 
@@ -81,11 +81,7 @@ def run(args: argparse.Namespace) -> int:
         from .analytic import run_cli
 
         return run_cli(args, sim, mcfg, algo_cfgs, scenario, out)
-    corpus = Corpus.load(dcfg)
-    seq_len = mcfg.resolved().context
-    corpus.check_fits(seq_len)
-    w = Workload(mcfg, dcfg, corpus, sim.seed, seq_len,
-                 corpus.val_set(dcfg.batch_size, seq_len, dcfg.val_batches, seed=sim.seed))
+    w = load_workload(mcfg, dcfg, sim.seed)
     log = MetricsLog(out / "metrics.jsonl")
     summary = {"scenario": scenario.name, "description": scenario.description,
                "config": {"sim": C.to_dict(sim), "model": C.to_dict(mcfg.resolved()),

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from byteswarm.optim.config import opt
+from byteswarm.optim.workload import ALGOS, Workload
 from byteswarm.protocols import wire
 
-from .algos import ALGOS, Workload
 from .engine import Simulation
 from .scenario import Scenario
 

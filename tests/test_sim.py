@@ -12,7 +12,7 @@ from byteswarm.optim.data import Corpus, DataConfig
 from byteswarm.optim.model import ModelConfig
 from byteswarm.optim.sansio import EVERYONE
 from byteswarm.optim.spsa import SPSAConfig
-from byteswarm.sim.algos import ALGOS, Workload
+from byteswarm.optim.workload import ALGOS, Workload
 from byteswarm.sim.engine import PeerSpec, Simulation
 from byteswarm.sim.network import INF, Link, Network
 from byteswarm.sim.runner import SimConfig, run_algorithm, wire_size

@@ -1,9 +1,10 @@
-"""Which algorithm objects the simulator builds, and what their steps cost.
+"""The workload every peer trains, and the table of algorithms the simulator and the node
+build from it.
 
-Each entry makes one peer's sans-IO object (the same class the node runs) from the shared
-workload. Every replica starts from the same weights: the init seed is the run's, not the
-peer's. Compute is charged in forward-pass equivalents: an Adam step (forward + backward)
-costs about 3 forward passes, an SPSA step exactly 2.
+Each entry makes one peer's sans-IO object (the same class in the simulator and the node)
+from the shared workload. Every replica starts from the same weights: the init seed is the
+run's, not the peer's. The simulator charges compute in forward-pass equivalents: an Adam
+step (forward + backward) costs about 3 forward passes, an SPSA step exactly 2.
 """
 
 from __future__ import annotations
@@ -29,14 +30,24 @@ class Workload:
     val: list
 
 
+def load_workload(mcfg: ModelConfig, dcfg: DataConfig, seed: int) -> Workload:
+    """The corpus, context length and fixed validation batches of a run (same on every peer)."""
+    corpus = Corpus.load(dcfg)
+    seq_len = mcfg.resolved().context
+    corpus.check_fits(seq_len)
+    val = corpus.val_set(dcfg.batch_size, seq_len, dcfg.val_batches, seed=seed)
+    return Workload(mcfg, dcfg, corpus, seed, seq_len, val)
+
+
 @dataclass(frozen=True)
 class AlgoEntry:
     cls: type
     config_cls: type
     forwards_per_step: float
 
-    def make(self, cfg: Any, peer: str, k: int, n: int, ids: list[str],
+    def make(self, cfg: Any, peer: str, k: int, n: int, ids: list[str] | frozenset[str],
              w: Workload) -> Algorithm:
+        """Peer ``peer`` reading shard ``k`` of ``n``, knowing peers ``ids`` at the start."""
         model = build_model(w.model, seed=w.seed)
         shard = w.corpus.shard(k, n, non_iid=w.data.non_iid, seed=w.seed)
         return self.cls(cfg, peer, model, shard, w.val, batch_size=w.data.batch_size,
