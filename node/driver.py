@@ -1,0 +1,320 @@
+"""The node's asyncio driver: feed the sans-IO algorithm, carry its outbox, keep its time.
+
+Theory of operation
+-------------------
+The algorithm object is not thread-safe, and a local step is seconds of torch work that
+must not stall the event loop. So every call into the object — ``on_local_step``,
+``on_message``, ``on_peers``, ``on_timer``, ``evaluate``, state export — runs on one
+dedicated worker thread (``act``), one at a time, in the order the loop asked. The loop
+itself only reads frames, decodes them (protocols/wire.py), carries outboxes and arms the
+timer, so messages keep flowing while a step computes; a message that arrives mid-step
+waits in the worker's queue and is applied right after.
+
+The main loop reads straight down: wait until the algorithm may step, step, wait until
+the step (or round) has closed — firing ``on_timer`` when ``next_deadline()`` passes —
+log the row, checkpoint every N steps, repeat until the swarm position reaches the target.
+
+Time. The algorithm's clock is ``time.monotonic()`` everywhere (deadlines are durations
+from ``now``; a wall-clock jump must not fire or starve them). Only DHT expirations use
+hivemind's ``get_dht_time()``, in transport.py.
+
+Untrusted input. A frame that does not decode, or a message whose ``peer`` field names
+someone other than the authenticated sender, is counted under its reason and dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from byteswarm.optim.sansio import EVERYONE, Algorithm, Rejected, Send
+from byteswarm.protocols import wire
+
+from . import algos as A
+from .transport import Member, Transport
+
+MAX_BUFFERED = 10_000  # messages held while we sync, before the algorithm takes them
+
+
+@dataclass
+class Poll:
+    """What the loop needs to know after any call into the algorithm."""
+
+    can_step: bool = True
+    deadline: float | None = None
+    progress: int = 0
+    outbox: list[Send] = field(default_factory=list)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    swarm: str
+    steps: int  # stop when the swarm position reaches this
+    min_peers: int
+    start_timeout: float
+    eval_every: int
+    checkpoint_every: int
+    peer_ttl: float
+    sync: bool
+    linger: float
+    announce_wait: float  # before a state download: let the others see our heartbeat
+
+
+class Driver:
+    def __init__(self, algo: Algorithm, plan: Plan, *, numel: int,
+                 log_row: Callable[[dict[str, Any]], None],
+                 checkpoint: Callable[[dict[str, Any]], Awaitable[None]],
+                 say: Callable[[str], None], seconds_before: float = 0.0):
+        self.algo, self.plan = algo, plan
+        self.ctx = wire.Context(numel=numel)
+        self.log_row, self.checkpoint, self.say = log_row, checkpoint, say
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="algo")
+        self.poll = Poll(progress=A.progress(algo))
+        self.kick = asyncio.Event()
+        self.transport: Transport | None = None
+        self.peers: frozenset[str] = frozenset({algo.peer_id})
+        self.heard: dict[str, float] = {}  # sender -> when we last got a message from it
+        self.members: dict[str, Member] = {}
+        self.ready = False
+        self.buffer: list[tuple[str, Any]] = []
+        self.rejects: Counter[str] = Counter()
+        self.signals = 0
+        self.t0 = time.monotonic()
+        self.seconds_before = seconds_before
+        self.compute_seconds = 0.0
+        self.val_loss: float | None = None
+        self.last_loss: float | None = None
+
+    @staticmethod
+    def now() -> float:
+        return time.monotonic()
+
+    # -- every call into the algorithm goes through here
+    def _call(self, fn: Callable[..., Any] | None, args: tuple) -> tuple[Any, Poll]:
+        res = fn(*args) if fn is not None else None
+        a = self.algo
+        return res, Poll(a.can_step(), a.next_deadline(), A.progress(a), a.outbox())
+
+    async def act(self, fn: Callable[..., Any] | None, *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        res, poll = await loop.run_in_executor(self.pool, self._call, fn, args)
+        self.poll = poll
+        for send in poll.outbox:
+            self._carry(send)
+        self.kick.set()
+        return res
+
+    def _carry(self, send: Send) -> None:
+        data = wire.encode(send.msg, swarm=self.plan.swarm)
+        kind = type(send.msg).__name__
+        targets = self.peers if send.to == EVERYONE else {send.to}
+        for peer in sorted(targets - {self.algo.peer_id}):
+            self.transport.send(peer, data, kind)
+
+    # -- transport callbacks
+    async def on_frame(self, sender: str, data: bytes) -> str:
+        if not data:
+            return "hello"
+        try:
+            msg = wire.decode(data, swarm=self.plan.swarm, ctx=self.ctx)
+            if getattr(msg, "peer", sender) != sender:  # e.g. an SPSA record for another
+                raise Rejected("spoofed_peer", f"{sender} sent {msg.peer}'s message")
+        except Rejected as e:
+            self.rejects[e.reason] += 1
+            return "rejected"
+        self.heard[sender] = self.now()
+        if not self.ready:
+            if len(self.buffer) < MAX_BUFFERED:
+                self.buffer.append((sender, msg))
+            else:
+                self.rejects["buffer_full"] += 1
+        else:
+            await self.deliver(sender, msg)
+        return type(msg).__name__
+
+    async def deliver(self, sender: str, msg: Any) -> None:
+        """A peer that talks to us is live, even before its heartbeat reaches our view of
+        the DHT: add it to the peer set the algorithm knows, then hand over the message."""
+        grown = None
+        if sender not in self.peers:
+            self.peers = grown = self.peers | {sender}
+        await self.act(self._deliver, sender, msg, self.now(), grown)
+
+    def _deliver(self, sender: str, msg: Any, now: float, peers: frozenset[str] | None) -> None:
+        if peers is not None:
+            self.algo.on_peers(peers, now)
+        self.algo.on_message(sender, msg, now)
+
+    async def on_members(self, members: dict[str, Member]) -> None:
+        self.members = members
+        now = self.now()
+        self.heard = {p: t for p, t in self.heard.items() if now - t < self.plan.peer_ttl}
+        live = frozenset(members) | frozenset(self.heard) | {self.algo.peer_id}
+        if live != self.peers:
+            self.peers = live
+            if self.ready:
+                await self.act(self.algo.on_peers, live, now)
+        self.kick.set()
+
+    async def serve_state(self) -> bytes:
+        state = await self.act(A.sync_state, self.algo)
+        return await asyncio.get_running_loop().run_in_executor(None, A.dumps, state)
+
+    # -- waiting
+    async def wait_until(self, cond: Callable[[], bool], *, abort_on_stop: bool,
+                         timeout: float | None = None) -> bool:
+        """Wait for ``cond``, firing the algorithm's timer when it is due. False if we
+        gave up (a stop signal, when allowed, or ``timeout``)."""
+        give_up = None if timeout is None else self.now() + timeout
+        while not cond():
+            if self.signals > 1 or (self.signals and abort_on_stop):
+                return False
+            if give_up is not None and self.now() >= give_up:
+                return False
+            due = [t for t in (self.poll.deadline, give_up) if t is not None]
+            wait = max(0.0, min(due) - self.now()) if due else None
+            self.kick.clear()
+            try:
+                await asyncio.wait_for(self.kick.wait(), wait)
+            except asyncio.TimeoutError:
+                d = self.poll.deadline
+                if d is not None and self.now() >= d:
+                    await self.act(self.algo.on_timer, self.now())
+        return True
+
+    def stop(self) -> None:
+        """Signal handler: the first stops after the current step (checkpointed); the
+        second stops at once."""
+        self.signals += 1
+        self.kick.set()
+
+    # -- start: meet the swarm, catch up with it
+    async def join(self) -> bool:
+        p = self.plan
+        self.say(f"waiting for {p.min_peers} peer(s) in swarm {p.swarm!r}")
+        running = lambda: any(A.needs_sync(self.algo, self.poll.progress, m.progress)
+                              for m in self.members.values())
+        ok = await self.wait_until(lambda: len(self.members) >= p.min_peers or running(),
+                                   abort_on_stop=True, timeout=p.start_timeout)
+        if not ok:
+            return False
+        if p.sync and running():
+            # Peers send to whom their DHT view lists; once they list us, nothing they
+            # send after the donor's snapshot can miss us (it waits in self.buffer).
+            await asyncio.sleep(p.announce_wait)
+            await self.sync_from_swarm()
+        await self.act(self.algo.on_peers, self.peers, self.now())
+        self.ready = True
+        for sender, msg in self.buffer:  # what came while we synced, in arrival order
+            await self.deliver(sender, msg)
+        self.buffer = []
+        return True
+
+    async def sync_from_swarm(self) -> None:
+        """Download the state of the most advanced peers, trying up to three donors."""
+        donors = sorted((m.progress, peer) for peer, m in self.members.items()
+                        if A.needs_sync(self.algo, self.poll.progress, m.progress))
+        for _, peer in reversed(donors[-3:]):
+            try:
+                blob = await self.transport.fetch_state(peer, timeout=60.0)
+                state = A.loads(blob)
+                await self.act(A.load_sync_state, self.algo, state)
+            except Rejected as e:
+                self.rejects[e.reason] += 1
+                continue
+            except Exception as e:  # a donor that vanished or timed out: try the next
+                self.rejects["state_fetch_failed"] += 1
+                self.say(f"state download from {peer[-8:]} failed: {type(e).__name__}")
+                continue
+            self.say(f"synced from {peer[-8:]}: now at step {self.poll.progress}")
+            return
+        self.say("could not download state from any peer; starting from our own")
+
+    # -- the loop
+    async def run(self) -> str:
+        """Train to the target; returns why it stopped ("done", "signal", "no_peers")."""
+        p = self.plan
+        if not await self.join():
+            return "signal" if self.signals else "no_peers"
+        while self.poll.progress < p.steps:
+            if not await self.wait_until(lambda: self.poll.can_step, abort_on_stop=True):
+                break
+            t = self.now()
+            info = await self.act(self.algo.on_local_step, self.now())
+            self.compute_seconds += self.now() - t
+            self.last_loss = float(info["loss"])
+            if not await self.wait_until(lambda: self.poll.can_step, abort_on_stop=False):
+                break
+            step = self.poll.progress
+            evaluate = step % p.eval_every == 0 or step >= p.steps
+            await self.write_row(step, evaluate)
+            if step % p.checkpoint_every == 0 or step >= p.steps:
+                await self.save()
+            if self.signals:
+                break
+        if self.signals:
+            if self.poll.can_step:
+                await self.save()
+            return "signal"
+        await asyncio.sleep(p.linger)  # keep serving: peers may still need our messages
+        return "done"
+
+    async def write_row(self, step: int, evaluate: bool) -> None:
+        def measure() -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            if hasattr(self.algo, "fingerprint"):
+                out["fingerprint"] = self.algo.fingerprint()
+            if evaluate:
+                out["val_loss"] = round(self.algo.evaluate(), 6)
+            out["algo"] = {k: v for k, v in self.algo.stats().items()
+                           if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            return out
+
+        extra = await self.act(measure)
+        if "val_loss" in extra:
+            self.val_loss = extra["val_loss"]
+        tr = self.transport
+        row = {"step": step, "loss": round(self.last_loss, 6), "peers": len(self.peers),
+               "seconds": round(self.seconds(), 3),
+               "bytes_sent": sum(tr.sent.values()), "bytes_received": sum(tr.received.values()),
+               "sent_by_type": dict(tr.sent), "received_by_type": dict(tr.received), **extra}
+        self.log_row(row)
+        if evaluate or step % 10 == 0:
+            val = f"  val {self.val_loss:.3f}" if evaluate else ""
+            self.say(f"step {step}  loss {self.last_loss:.3f}{val}  peers {len(self.peers)}"
+                     f"  up {row['bytes_sent'] / 1e3:.1f} kB  down "
+                     f"{row['bytes_received'] / 1e3:.1f} kB")
+
+    def seconds(self) -> float:
+        return self.seconds_before + self.now() - self.t0
+
+    async def save(self) -> None:
+        state = await self.act(A.full_state, self.algo)
+        await self.checkpoint({"state": state, "seconds": self.seconds(),
+                               "sent": dict(self.transport.sent),
+                               "received": dict(self.transport.received)})
+
+    def summary(self) -> dict[str, Any]:
+        tr, total = self.transport, max(self.now() - self.t0, 1e-9)
+        stats = self.algo.stats()
+        steps = max(1, self.poll.progress)
+        rounds = getattr(getattr(self.algo, "cfg", None), "inner_steps", 1)
+        idle = max(0.0, total - self.compute_seconds)
+        return {"final_val_loss": self.val_loss, "steps": self.poll.progress,
+                "peer_id": self.algo.peer_id, "peers": len(self.peers),
+                "seconds": round(self.seconds(), 3),
+                "bytes_sent": sum(tr.sent.values()), "bytes_received": sum(tr.received.values()),
+                "sent_by_type": dict(tr.sent), "received_by_type": dict(tr.received),
+                "bytes_sent_per_step": sum(tr.sent.values()) / steps,
+                "idle_fraction": round(idle / total, 4),
+                "sync_seconds_mean": round(idle / (steps / rounds), 4),
+                "rejects": {**dict(self.rejects), **stats.get("rejects", {})},
+                "transport_events": dict(tr.events),
+                "stats": {k: v for k, v in stats.items() if k != "rejects"},
+                **({"fingerprint": self.algo.fingerprint()}
+                   if hasattr(self.algo, "fingerprint") else {})}

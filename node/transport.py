@@ -1,0 +1,292 @@
+"""Carrying bytes between peers: libp2p streams through hivemind's p2pd, membership in its DHT.
+
+Theory of operation
+-------------------
+Messages. Each peer pair talks over long-lived libp2p streams opened with
+``call_binary_stream_handler`` on the protocol ``/byteswarm/<swarm>/msg/1``. A stream
+carries frames: an 8-byte big-endian length, then that many bytes (one wire message).
+Streams have no size cap (protobuf unary calls stop at 4 MiB), so a NoLoCo share travels
+as one frame, and libp2p chunks it. Either side may write on a stream whichever side
+opened it, so a peer in client mode (not dialable, behind NAT) dials the others and
+receives over the streams it opened. Every outgoing peer has a bounded queue and a sender
+task; a full queue or a failed write drops the frame and counts it — the algorithms are
+built to tolerate a lost message (a timeout, never a hang).
+
+Incoming frames are read one at a time per stream and handed to ``on_frame``, which
+returns the kind to count the bytes under; awaiting it before the next read is the flow
+control. A frame header that claims more than ``frame_limit`` closes the stream before
+anything is allocated. The sender of a frame is the stream's libp2p peer id, which the
+transport's handshake has authenticated.
+
+Membership. Every ``heartbeat_period`` seconds a peer stores a small record under the DHT
+key ``<swarm>.peers`` with its peer id as the subkey and an expiration ``peer_ttl``
+seconds ahead, then reads the key back: the unexpired subkeys are the live swarm.
+DHT expirations use ``get_dht_time()`` (wall clock, as hivemind requires); nothing else
+here does.
+
+State download. A joiner fetches a donor's algorithm state over ``/byteswarm/<swarm>/state/1``:
+one request frame, one response frame (bounded by ``state_limit``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from hivemind import DHT
+from hivemind.p2p import PeerID
+from hivemind.utils.timed_storage import get_dht_time
+
+HEADER = 8
+QUEUE_FRAMES = 256  # per peer; beyond this the newest frame is dropped
+DIAL_TIMEOUT = 5.0
+MAX_MEMBERS = 4096  # entries read from the peers key; a flood of fake ones is cut here
+STATE_REQUEST = b"byteswarm-state?"
+
+
+@dataclass(frozen=True)
+class Member:
+    progress: int  # the peer's own count of steps (see driver.progress)
+    client: bool  # in client mode: cannot be dialed
+
+
+def parse_members(found: Any, now: float, limit: int = MAX_MEMBERS) -> dict[str, Member]:
+    """The live entries of the peers key, read defensively: anyone can write to it."""
+    out: dict[str, Member] = {}
+    entries = getattr(found, "value", None)
+    if not isinstance(entries, dict):
+        return out
+    for subkey, item in list(entries.items())[:limit]:
+        value, expires = getattr(item, "value", None), getattr(item, "expiration_time", 0)
+        if not (isinstance(subkey, str) and 0 < len(subkey) <= 128 and isinstance(value, dict)
+                and isinstance(expires, (int, float)) and expires > now):
+            continue
+        progress, client = value.get("progress"), value.get("client")
+        if type(progress) is int and progress >= 0 and isinstance(client, bool):
+            out[subkey] = Member(progress, client)
+    return out
+
+
+async def read_frame(reader: asyncio.StreamReader, limit: int) -> bytes:
+    """One frame, or ValueError if its header claims more than ``limit`` bytes."""
+    n = int.from_bytes(await reader.readexactly(HEADER), "big")
+    if n > limit:
+        raise ValueError(f"frame of {n} bytes > {limit}")
+    return await reader.readexactly(n)
+
+
+async def write_frame(writer: asyncio.StreamWriter, data: bytes) -> None:
+    writer.write(len(data).to_bytes(HEADER, "big") + data)
+    await writer.drain()
+
+
+class Transport:
+    """Frames to and from peers, and the live member set, for one node."""
+
+    def __init__(self, dht: DHT, swarm: str, peer_id: str, *, client_mode: bool,
+                 frame_limit: int, state_limit: int, heartbeat_period: float, peer_ttl: float,
+                 on_frame: Callable[[str, bytes], Awaitable[str]],
+                 on_members: Callable[[dict[str, Member]], Awaitable[None]],
+                 serve_state: Callable[[], Awaitable[bytes]],
+                 progress: Callable[[], int]):
+        self.dht, self.swarm, self.peer_id = dht, swarm, peer_id
+        self.client_mode = client_mode
+        self.frame_limit, self.state_limit = frame_limit, state_limit
+        self.heartbeat_period, self.peer_ttl = heartbeat_period, peer_ttl
+        self.on_frame, self.on_members = on_frame, on_members
+        self.serve_state, self.progress = serve_state, progress
+        self.msg_proto = f"/byteswarm/{swarm}/msg/1"
+        self.state_proto = f"/byteswarm/{swarm}/state/1"
+        self.members: dict[str, Member] = {}
+        self.p2p: Any = None
+        self._writers: dict[str, asyncio.StreamWriter] = {}
+        self._queues: dict[str, asyncio.Queue[tuple[bytes, str]]] = {}
+        self._arrived: dict[str, asyncio.Event] = {}  # a client-mode peer's stream came
+        self._tasks: set[asyncio.Task] = set()
+        self.sent: Counter[str] = Counter()  # bytes written, by message kind
+        self.received: Counter[str] = Counter()  # bytes read, by message kind
+        self.events: Counter[str] = Counter()  # drops, failures, oversized frames, ...
+
+    # -- lifecycle
+    async def start(self) -> None:
+        self.p2p = await self.dht.replicate_p2p()
+        await self.p2p.add_binary_stream_handler(self.msg_proto, self._on_msg_stream)
+        await self.p2p.add_binary_stream_handler(self.state_proto, self._on_state_stream)
+        self._spawn(self._heartbeats())
+
+    async def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for w in self._writers.values():
+            with contextlib.suppress(Exception):
+                w.close()
+        self._writers.clear()
+
+    async def flush(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` s) until every queued frame has been written."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(q.join() for q in self._queues.values())),
+                                   timeout)
+
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- sending
+    def send(self, peer: str, data: bytes, kind: str) -> None:
+        """Queue one frame for ``peer``; never blocks (a full queue drops and counts)."""
+        if peer == self.peer_id:
+            return
+        q = self._queues.get(peer)
+        if q is None:
+            q = self._queues[peer] = asyncio.Queue(QUEUE_FRAMES)
+            self._spawn(self._sender(peer, q))
+        try:
+            q.put_nowait((data, kind))
+        except asyncio.QueueFull:
+            self.events["send_queue_full"] += 1
+
+    async def _sender(self, peer: str, q: asyncio.Queue[tuple[bytes, str]]) -> None:
+        while True:
+            data, kind = await q.get()
+            try:
+                for attempt in (0, 1):  # a stale stream gets one redial
+                    try:
+                        writer = await self._writer_for(peer)
+                        if writer is None:
+                            self.events["unreachable"] += 1
+                            break
+                        await write_frame(writer, data)
+                        self.sent[kind] += HEADER + len(data)
+                        break
+                    except Exception:  # OSError, timeouts, and p2pd's own error types
+                        self._drop_writer(peer)
+                        if attempt:
+                            self.events["send_failed"] += 1
+            finally:
+                q.task_done()
+
+    async def _writer_for(self, peer: str) -> asyncio.StreamWriter | None:
+        w = self._writers.get(peer)
+        if w is not None and not w.is_closing():
+            return w
+        if self.members.get(peer, Member(0, False)).client:
+            # It cannot be dialed: it dials us (its first heartbeat does). Give that
+            # stream a moment to arrive rather than drop what we have for it.
+            arrived = self._arrived.setdefault(peer, asyncio.Event())
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(arrived.wait(), DIAL_TIMEOUT)
+            w = self._writers.get(peer)
+            return w if w is not None and not w.is_closing() else None
+        _, reader, writer = await asyncio.wait_for(
+            self.p2p.call_binary_stream_handler(PeerID.from_base58(peer), self.msg_proto),
+            DIAL_TIMEOUT)
+        self._writers[peer] = writer
+        self._spawn(self._read_frames(peer, reader, writer))
+        return writer
+
+    def _drop_writer(self, peer: str) -> None:
+        w = self._writers.pop(peer, None)
+        if w is not None:
+            with contextlib.suppress(Exception):
+                w.close()
+
+    # -- receiving
+    async def _on_msg_stream(self, info: Any, reader: asyncio.StreamReader,
+                             writer: asyncio.StreamWriter) -> None:
+        peer = info.peer_id.to_base58()
+        if peer not in self._writers or self._writers[peer].is_closing():
+            self._writers[peer] = writer  # so a peer that cannot be dialed hears back
+            self._arrived.setdefault(peer, asyncio.Event()).set()
+        task = asyncio.current_task()
+        self._tasks.add(task)
+        try:
+            await self._read_frames(peer, reader, writer)
+        except asyncio.CancelledError:
+            # We are closing. End the task normally: asyncio's stream callback (3.11)
+            # calls task.exception() on it, which raises for a cancelled task.
+            pass
+        finally:
+            self._tasks.discard(task)
+
+    async def _read_frames(self, peer: str, reader: asyncio.StreamReader,
+                           writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                data = await read_frame(reader, self.frame_limit)
+                kind = await self.on_frame(peer, data)
+                self.received[kind] += HEADER + len(data)
+        except ValueError:
+            self.events["oversized_frame"] += 1
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            pass  # the peer closed the stream or went away
+        finally:
+            if self._writers.get(peer) is writer:
+                self._drop_writer(peer)
+            else:
+                with contextlib.suppress(Exception):
+                    writer.close()
+
+    # -- state download
+    async def _on_state_stream(self, info: Any, reader: asyncio.StreamReader,
+                               writer: asyncio.StreamWriter) -> None:
+        try:
+            if await read_frame(reader, len(STATE_REQUEST)) == STATE_REQUEST:
+                blob = await self.serve_state()
+                await write_frame(writer, blob)
+                self.sent["state"] += HEADER + len(blob)
+        except (ValueError, asyncio.IncompleteReadError, ConnectionError, OSError):
+            self.events["bad_state_request"] += 1
+        finally:
+            writer.close()
+
+    async def fetch_state(self, peer: str, timeout: float) -> bytes:
+        """A donor's serialized state; raises on any failure (the caller tries another)."""
+        async def go() -> bytes:
+            _, reader, writer = await self.p2p.call_binary_stream_handler(
+                PeerID.from_base58(peer), self.state_proto)
+            try:
+                await write_frame(writer, STATE_REQUEST)
+                blob = await read_frame(reader, self.state_limit)
+            finally:
+                writer.close()
+            self.received["state"] += HEADER + len(blob)
+            return blob
+        return await asyncio.wait_for(go(), timeout)
+
+    # -- membership
+    @property
+    def key(self) -> str:
+        return f"{self.swarm}.peers"
+
+    async def beat(self) -> None:
+        """Store our heartbeat, read everyone's, report the live set."""
+        value = {"progress": int(self.progress()), "client": self.client_mode}
+        await self.dht.store(self.key, value, get_dht_time() + self.peer_ttl,
+                             subkey=self.peer_id, return_future=True)
+        found = await self.dht.get(self.key, latest=True, return_future=True)
+        members = parse_members(found, get_dht_time())
+        members[self.peer_id] = Member(int(self.progress()), self.client_mode)
+        self.members = members
+        if self.client_mode:  # open our side now, so the others can write back
+            for peer, m in members.items():
+                if peer != self.peer_id and not m.client and peer not in self._queues:
+                    self.send(peer, b"", "hello")
+        await self.on_members(members)
+
+    async def _heartbeats(self) -> None:
+        while True:
+            try:
+                await self.beat()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the DHT is best effort: a failed beat is retried next time
+                self.events["heartbeat_failed"] += 1
+            await asyncio.sleep(self.heartbeat_period)

@@ -1,0 +1,111 @@
+"""Faults against real node processes: a peer killed with -9 and brought back, and junk
+sent down a real libp2p stream by a real (hostile) hivemind peer."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+
+import msgpack
+import pytest
+from byteswarm.node.identity import ensure_identity
+from byteswarm.node.transport import STATE_REQUEST, read_frame, write_frame
+from byteswarm.optim.spsa import Record
+from byteswarm.protocols import wire
+from hivemind.p2p import P2P, PeerID
+from test_node import by_step, launch, spsa_config  # noqa: F401  (launch is a fixture)
+
+
+@pytest.mark.slow
+def test_killed_spsa_peer_comes_back_resumes_and_resyncs(launch, tmp_path):  # noqa: F811
+    cfg = spsa_config(tmp_path, step_timeout=1.0)
+    common = ["--config", cfg, "--min-peers", "3", "--steps", "100000",
+              "--checkpoint-every", "10", "--eval-every", "1000"]
+    a = launch("a", *common, "--shard", "0")
+    maddr = a.maddr()
+    b = launch("b", *common, "--shard", "1", "--initial-peers", maddr)
+    c = launch("c", *common, "--shard", "2", "--initial-peers", maddr)
+    c.wait_step(25, timeout=120)
+    c.kill_group()  # kill -9 the node, its DHT process and its p2pd (checkpointed at 20)
+
+    # The others notice (the heartbeat expires) and keep training without it.
+    a.wait_for(lambda: any(r["peers"] == 2 for r in a.rows()), 30, "a to drop c")
+    a.wait_step(a.step() + 20, timeout=60)
+
+    back = launch("c", *common, "--shard", "2", "--initial-peers", maddr)
+    m = back.wait_for(lambda: re.search(r"synced from \w+: now at step (\d+)", back.text()),
+                      60, "the state download")
+    resumed = re.search(r"resumed from \S+ at step (\d+)", back.text())
+    assert resumed and int(resumed.group(1)) >= 20 and int(resumed.group(1)) % 10 == 0
+    synced = int(m.group(1))
+    assert synced > int(resumed.group(1)) + 20
+    back.wait_step(synced + 20, timeout=60)
+
+    for n in (a, b, back):
+        n.proc.send_signal(signal.SIGTERM)
+    for n in (a, b, back):
+        assert n.wait(timeout=30) == 128 + signal.SIGTERM
+    rows = [by_step(n) for n in (a, b, back)]
+    shared = sorted(set(rows[0]) & set(rows[1]) & set(rows[2]))
+    # The first record of the returned peer may reach one peer after it closed that step:
+    # it is applied late (within finality_steps = 4), so replicas can differ for a few
+    # steps after the return, never once those steps are final.
+    after = [s for s in shared if s > synced + 4]
+    assert len(after) >= 15
+    for s in after:  # the returned peer is bit-identical with the others again
+        assert len({r[s]["fingerprint"] for r in rows}) == 1, s
+    for n in (a, b, back):
+        late = n.summary()["stats"]["late_records"]
+        assert late <= 3, late  # a late record is the exception, not the rule
+    assert back.summary()["received_by_type"]["state"] > 4 * 136_000
+
+
+async def attack(maddr: str, swarm: str) -> dict:
+    """Junk down the node's message stream, then check it still serves a state download."""
+    p2p = await P2P.create(initial_peers=[maddr])
+    try:
+        me = p2p.peer_id.to_base58()
+        target = PeerID.from_base58(maddr.split("/p2p/")[1])
+        _, _, w = await p2p.call_binary_stream_handler(target, f"/byteswarm/{swarm}/msg/1")
+        frames = [
+            b"\x93\x01\x02",  # truncated msgpack
+            msgpack.packb([99, 1, swarm, [0, me, 1]]),  # unknown version
+            msgpack.packb([1, 77, swarm, []]),  # unknown type
+            wire.encode(Record(3, me, 1), swarm="another"),  # another swarm
+            wire.encode(Record(3, "12D3KooWNotTheSender", 1), swarm=swarm),  # spoofed
+            msgpack.packb([1, 1, swarm, [3, me, 500]]),  # byte out of range
+            wire.encode(Record(10**9, me, 1), swarm=swarm),  # far ahead: the algorithm's
+        ]
+        for f in frames:
+            await write_frame(w, f)
+        w.write((1 << 40).to_bytes(8, "big"))  # a header claiming a terabyte
+        await w.drain()
+        await asyncio.sleep(1.0)
+        _, r2, w2 = await p2p.call_binary_stream_handler(target, f"/byteswarm/{swarm}/state/1")
+        await write_frame(w2, STATE_REQUEST)
+        blob = await asyncio.wait_for(read_frame(r2, 1 << 26), 10)
+        return {"me": me, "state_bytes": len(blob)}
+    finally:
+        await p2p.shutdown()
+
+
+@pytest.mark.slow
+def test_junk_from_a_peer_is_counted_and_the_node_goes_on(launch):  # noqa: F811
+    a = launch("a", "--steps", "100000", "--eval-every", "1000")
+    maddr = a.maddr()
+    _, key_id = ensure_identity(a.out / "identity.key")
+    assert maddr.endswith("/p2p/" + key_id)  # the libp2p id is our Ed25519 key
+    a.wait_step(5, timeout=60)
+    got = asyncio.run(attack(maddr, "t"))
+    assert got["state_bytes"] > 4 * 136_000
+    before = a.step()
+    a.wait_step(before + 20, timeout=30)  # still training
+    a.proc.send_signal(signal.SIGTERM)
+    assert a.wait(timeout=30) == 128 + signal.SIGTERM
+    s = a.summary()
+    for reason in ("malformed", "bad_version", "unknown_type", "wrong_swarm", "spoofed_peer",
+                   "bad_field", "too_far_ahead"):
+        assert s["rejects"].get(reason, 0) >= 1, (reason, s["rejects"])
+    assert s["transport_events"]["oversized_frame"] == 1
+    assert s["sent_by_type"]["state"] == got["state_bytes"] + 8

@@ -1,0 +1,172 @@
+"""The node's pieces that need no network: identity files, state checks, membership
+parsing and config errors (the network itself is tested with real processes in
+test_node.py and test_node_faults.py)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from types import SimpleNamespace
+
+import pytest
+import torch
+from byteswarm.node import algos as A
+from byteswarm.node.cli import main
+from byteswarm.node.identity import ensure_identity
+from byteswarm.node.transport import parse_members
+from byteswarm.optim.config import ConfigError
+from byteswarm.optim.data import DataConfig
+from byteswarm.optim.model import ModelConfig
+from byteswarm.optim.noloco import NoLoCoConfig
+from byteswarm.optim.sansio import Rejected
+from byteswarm.optim.spsa import SPSAConfig
+from byteswarm.optim.workload import load_workload
+from hivemind.p2p import P2P
+
+
+@pytest.fixture(scope="module")
+def workload():
+    return load_workload(ModelConfig(), DataConfig(max_bytes=300_000, batch_size=4,
+                                                     val_batches=1), seed=0)
+
+
+# --- identity -----------------------------------------------------------------------------
+
+def test_identity_is_created_private_and_stable(tmp_path):
+    path, pid = ensure_identity(tmp_path / "sub" / "id.key")
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert pid.startswith("12D3KooW")  # an Ed25519 libp2p peer id
+    assert ensure_identity(path) == (path, pid)
+    assert ensure_identity(tmp_path / "other.key")[1] != pid
+
+
+def test_identity_refuses_loose_permissions_junk_and_rsa(tmp_path):
+    path, _ = ensure_identity(tmp_path / "id.key")
+    os.chmod(path, 0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        ensure_identity(path)
+    junk = tmp_path / "junk.key"
+    junk.write_bytes(b"\xff\x00 not a key")
+    os.chmod(junk, 0o600)
+    with pytest.raises(ConfigError, match="not a libp2p private key"):
+        ensure_identity(junk)
+    rsa = tmp_path / "rsa.key"
+    P2P.generate_identity(str(rsa))  # hivemind's own kind of key file
+    os.chmod(rsa, 0o600)
+    with pytest.raises(ConfigError, match="Ed25519"):
+        ensure_identity(rsa)
+
+
+# --- membership -----------------------------------------------------------------------------
+
+def entry(value, expires):
+    return SimpleNamespace(value=value, expiration_time=expires)
+
+
+def test_members_are_parsed_defensively():
+    ok = {"progress": 3, "client": False}
+    found = entry({"alive": entry(ok, 20.0), "expired": entry(ok, 5.0),
+                   7: entry(ok, 20.0), "x" * 200: entry(ok, 20.0),
+                   "bad_progress": entry({"progress": -1, "client": False}, 20.0),
+                   "float_progress": entry({"progress": 1.5, "client": False}, 20.0),
+                   "no_dict": entry([1, 2], 20.0),
+                   "client": entry({"progress": 0, "client": True}, 20.0)}, 20.0)
+    got = parse_members(found, now=10.0)
+    assert sorted(got) == ["alive", "client"]
+    assert got["alive"].progress == 3 and got["client"].client
+    assert parse_members(None, 0.0) == {} and parse_members(entry("str", 9.0), 0.0) == {}
+    many = entry({f"p{i}": entry(ok, 20.0) for i in range(50)}, 20.0)
+    assert len(parse_members(many, 10.0, limit=10)) == 10
+
+
+# --- state: sync downloads are untrusted, checkpoints resume exactly --------------------------
+
+def spsa(workload, peer="p0", steps=0):
+    algo = A.make_algorithm("spsa", SPSAConfig(swarm="u"), peer, 0, 2, workload)
+    for _ in range(steps):
+        algo.on_local_step(0.0)
+    return algo
+
+
+def test_spsa_state_round_trips_through_bytes(workload):
+    donor = spsa(workload, steps=7)
+    joiner = spsa(workload, peer="p1")
+    A.load_sync_state(joiner, A.loads(A.dumps(A.sync_state(donor))))
+    assert joiner.fingerprint() == donor.fingerprint()
+    assert A.progress(joiner) == A.progress(donor) == 7
+
+
+@pytest.mark.parametrize("spoil, reason", [
+    (lambda s: s["snap"].__setitem__("theta", s["snap"]["theta"][:-1]), "vector"),
+    (lambda s: s["snap"]["theta"].__setitem__(0, float("nan")), "not finite"),
+    (lambda s: s["snap"].__setitem__("theta", s["snap"]["theta"].double()), "vector"),
+    (lambda s: s.__setitem__("closed", -5), "closed"),
+    (lambda s: s.__setitem__("closed", 10**9), "closed"),
+    (lambda s: s["records"].__setitem__(6, {"p0": 500}), "q="),
+    (lambda s: s["records"].__setitem__(6, "junk"), "records of step"),
+    (lambda s: s["snap"].__setitem__("g2", float("inf")), "g2"),
+    (lambda s: s.pop("snap"), "without snap"),
+])
+def test_spsa_sync_state_junk_is_rejected_untouched(workload, spoil, reason):
+    donor = spsa(workload, steps=5)
+    state = A.loads(A.dumps(A.sync_state(donor)))
+    spoil(state)
+    joiner = spsa(workload, peer="p1")
+    before = joiner.fingerprint()
+    with pytest.raises(Rejected, match=reason):
+        A.load_sync_state(joiner, state)
+    assert joiner.fingerprint() == before and A.progress(joiner) == 0
+
+
+def test_state_bytes_that_would_run_code_are_refused():
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    with pytest.raises(Rejected, match="unreadable"):
+        A.loads(pickle.dumps(Evil()))
+    with pytest.raises(Rejected, match="unreadable"):
+        A.loads(b"\x00 not a torch file")
+
+
+def test_noloco_checkpoint_resumes_mid_round_exactly(workload):
+    cfg = NoLoCoConfig(inner_steps=5, warmup=0)
+    a = A.make_algorithm("noloco", cfg, "p0", 0, 2, workload)
+    for _ in range(3):
+        a.on_local_step(0.0)
+    b = A.make_algorithm("noloco", cfg, "p0", 0, 2, workload)
+    A.load_full_state(b, A.loads(A.dumps(A.full_state(a))))
+    assert A.progress(b) == 3
+    for algo in (a, b):
+        algo.on_local_step(0.0)
+    for pa, pb in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(pa, pb)  # inner AdamW state and position came back too
+    bad = A.sync_state(a)
+    bad["delta"] = bad["delta"][:10]
+    with pytest.raises(Rejected, match="delta"):
+        A.load_sync_state(b, bad)
+
+
+# --- configuration errors: one line, exit status 2, before any process starts --------------
+
+@pytest.mark.parametrize("args, text", [
+    (["--swarm", "bad name!"], "swarm name"),
+    (["--shard", "20", "--num-shards", "4"], "not below num_shards"),
+    (["--peer-ttl", "1", "--heartbeat-period", "2"], "peer_ttl"),
+])
+def test_bad_node_settings_exit_2(tmp_path, capsys, args, text):
+    assert main(["node", "--out", str(tmp_path / "o"), *args]) == 2
+    assert text in capsys.readouterr().err
+
+
+def test_config_file_errors_exit_2(tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[bogus]\nx = 1\n")
+    assert main(["node", "--out", str(tmp_path / "o"), "--config", str(cfg)]) == 2
+    assert "unknown table [bogus]" in capsys.readouterr().err
+    cfg.write_text("[node]\nswarm = 'a'\n[spsa]\nswarm = 'b'\n")
+    assert main(["node", "--out", str(tmp_path / "o"), "--config", str(cfg)]) == 2
+    assert "differs from the node's swarm" in capsys.readouterr().err
+    cfg.write_text("[node]\ninitial_peers = [1, 2]\n")
+    assert main(["node", "--out", str(tmp_path / "o"), "--config", str(cfg)]) == 2
+    assert "list of strings" in capsys.readouterr().err
