@@ -58,6 +58,38 @@ def progress(algo: Algorithm) -> int:
     return algo.round * algo.cfg.inner_steps + algo.inner_done
 
 
+MARK_EVERY = 5  # SPSA peers fingerprint every 5th final step
+MARKS_PUBLISHED = 8  # and publish the latest 8 with their heartbeat
+
+
+def mark(algo: Algorithm) -> tuple[int, str] | None:
+    """SPSA: (final step, fingerprint) when the final step is a multiple of MARK_EVERY
+    (hashing θ costs a memory pass, so not every step); otherwise None."""
+    if isinstance(algo, SPSA) and algo.snap.step >= 0 and algo.snap.step % MARK_EVERY == 0:
+        return algo.final_mark()
+    return None
+
+
+def outvoted(own: dict[int, str], members: dict[str, Any], me: str) -> list[str]:
+    """Peers whose replica we should copy. The latest step that we and others marked and
+    where one fingerprint has more votes than any other (we count as one) decides: if
+    that fingerprint is not ours, the peers who published it. Steps with a tie are
+    skipped (two peers alone cannot tell who split); none decisive: empty."""
+    for step in sorted(own, reverse=True):
+        votes: dict[str, list[str]] = {own[step]: [me]}
+        for peer, m in members.items():
+            if peer != me and step in m.marks:
+                votes.setdefault(m.marks[step], []).append(peer)
+        ranked = sorted(map(len, votes.values()), reverse=True)
+        if len(ranked) > 1 and ranked[0] == ranked[1]:
+            continue  # a tie, or a step only we marked
+        if len(ranked) == 1 and ranked[0] == 1:
+            continue  # a step only we marked
+        best = max(votes.values(), key=len)
+        return [] if me in best else best
+    return []
+
+
 def needs_sync(algo: Algorithm, own: int, other: int) -> bool:
     """Is a peer at position ``other`` too far ahead for us to take part without its state?
 

@@ -18,6 +18,14 @@ Time. The algorithm's clock is ``time.monotonic()`` everywhere (deadlines are du
 from ``now``; a wall-clock jump must not fire or starve them). Only DHT expirations use
 hivemind's ``get_dht_time()``, in transport.py.
 
+Splits (SPSA). A record that reaches some peers but not others before its step is final
+splits the replicas for good. Every peer therefore publishes, with its heartbeat, the
+fingerprints of θ at its latest final steps that are multiples of ``MARK_EVERY``; a peer
+whose fingerprint at a step is outvoted by another one (more peers, see
+``algos.outvoted``) downloads the state of a peer in the majority between two steps,
+exactly as a joiner does, keeping the records it holds. Two peers alone cannot tell who
+split; they only count the disagreement.
+
 Untrusted input. A frame that does not decode, or a message whose ``peer`` field names
 someone other than the authenticated sender, is counted under its reason and dropped.
 """
@@ -25,6 +33,7 @@ someone other than the authenticated sender, is counted under its reason and dro
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -33,12 +42,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from byteswarm.optim.sansio import EVERYONE, Algorithm, Rejected, Send
+from byteswarm.optim.spsa import Record
 from byteswarm.protocols import wire
 
 from . import algos as A
 from .transport import Member, Transport
 
 MAX_BUFFERED = 10_000  # messages held while we sync, before the algorithm takes them
+MAX_MARKS = 32  # our own SPSA marks kept for comparison
 
 
 @dataclass
@@ -48,6 +59,7 @@ class Poll:
     can_step: bool = True
     deadline: float | None = None
     progress: int = 0
+    mark: tuple[int, str] | None = None
     outbox: list[Send] = field(default_factory=list)
 
 
@@ -63,6 +75,7 @@ class Plan:
     sync: bool
     linger: float
     announce_wait: float  # before a state download: let the others see our heartbeat
+    withhold_record: int = -1  # testing: our record of this step goes to one peer only
 
 
 class Driver:
@@ -89,6 +102,10 @@ class Driver:
         self.compute_seconds = 0.0
         self.val_loss: float | None = None
         self.last_loss: float | None = None
+        self.marks: dict[int, str] = {}  # our SPSA marks: final step -> fingerprint
+        self.resync_from: list[str] = []  # a split was found: copy one of these
+        self.last_resync = -math.inf
+        self.resyncs = 0
 
     @staticmethod
     def now() -> float:
@@ -98,12 +115,17 @@ class Driver:
     def _call(self, fn: Callable[..., Any] | None, args: tuple) -> tuple[Any, Poll]:
         res = fn(*args) if fn is not None else None
         a = self.algo
-        return res, Poll(a.can_step(), a.next_deadline(), A.progress(a), a.outbox())
+        return res, Poll(can_step=a.can_step(), deadline=a.next_deadline(),
+                         progress=A.progress(a), outbox=a.outbox(), mark=A.mark(a))
 
     async def act(self, fn: Callable[..., Any] | None, *args: Any) -> Any:
         loop = asyncio.get_running_loop()
         res, poll = await loop.run_in_executor(self.pool, self._call, fn, args)
         self.poll = poll
+        if poll.mark is not None and poll.mark[0] not in self.marks:
+            self.marks[poll.mark[0]] = poll.mark[1]
+            for old in sorted(self.marks)[:-MAX_MARKS]:
+                del self.marks[old]
         for send in poll.outbox:
             self._carry(send)
         self.kick.set()
@@ -113,6 +135,8 @@ class Driver:
         data = wire.encode(send.msg, swarm=self.plan.swarm)
         kind = type(send.msg).__name__
         targets = self.peers if send.to == EVERYONE else {send.to}
+        if isinstance(send.msg, Record) and send.msg.step == self.plan.withhold_record:
+            targets = set(sorted(targets - {self.algo.peer_id})[:1])
         for peer in sorted(targets - {self.algo.peer_id}):
             self.transport.send(peer, data, kind)
 
@@ -159,7 +183,17 @@ class Driver:
             self.peers = live
             if self.ready:
                 await self.act(self.algo.on_peers, live, now)
+        if self.ready and not self.resync_from and now - self.last_resync > 2 * self.plan.peer_ttl:
+            donors = A.outvoted(self.marks, members, self.algo.peer_id)
+            if donors:
+                self.resync_from = donors
+                self.say(f"our replica split from {len(donors)} peer(s): resyncing")
         self.kick.set()
+
+    def recent_marks(self) -> dict[int, str]:
+        """What our heartbeat publishes: the latest few marks (heartbeats of different
+        peers come at different steps, so one mark each would rarely meet)."""
+        return {t: self.marks[t] for t in sorted(self.marks)[-A.MARKS_PUBLISHED:]}
 
     async def serve_state(self) -> bytes:
         state = await self.act(A.sync_state, self.algo)
@@ -207,19 +241,32 @@ class Driver:
             # Peers send to whom their DHT view lists; once they list us, nothing they
             # send after the donor's snapshot can miss us (it waits in self.buffer).
             await asyncio.sleep(p.announce_wait)
-            await self.sync_from_swarm()
-        await self.act(self.algo.on_peers, self.peers, self.now())
-        self.ready = True
-        for sender, msg in self.buffer:  # what came while we synced, in arrival order
-            await self.deliver(sender, msg)
-        self.buffer = []
+            donors = sorted((m.progress, peer) for peer, m in self.members.items()
+                            if A.needs_sync(self.algo, self.poll.progress, m.progress))
+            await self.sync_from([peer for _, peer in reversed(donors[-3:])])
+        await self.go_live()
         return True
 
-    async def sync_from_swarm(self) -> None:
-        """Download the state of the most advanced peers, trying up to three donors."""
-        donors = sorted((m.progress, peer) for peer, m in self.members.items()
-                        if A.needs_sync(self.algo, self.poll.progress, m.progress))
-        for _, peer in reversed(donors[-3:]):
+    async def go_live(self) -> None:
+        await self.act(self.algo.on_peers, self.peers, self.now())
+        self.ready = True
+        buffered, self.buffer = self.buffer, []
+        for sender, msg in buffered:  # what came while we synced, in arrival order
+            await self.deliver(sender, msg)
+
+    async def resync(self) -> None:
+        """Copy a peer of the majority after a split (see the module docstring)."""
+        donors, self.resync_from = self.resync_from, []
+        self.ready = False  # what arrives meanwhile waits, as for a joiner
+        await self.sync_from(donors[:3])
+        self.marks.clear()  # ours were of the split replica
+        self.resyncs += 1
+        self.last_resync = self.now()
+        await self.go_live()
+
+    async def sync_from(self, donors: list[str]) -> None:
+        """Download a donor's state, trying each of ``donors`` in turn."""
+        for peer in donors:
             try:
                 blob = await self.transport.fetch_state(peer, timeout=60.0)
                 state = A.loads(blob)
@@ -233,7 +280,7 @@ class Driver:
                 continue
             self.say(f"synced from {peer[-8:]}: now at step {self.poll.progress}")
             return
-        self.say("could not download state from any peer; starting from our own")
+        self.say("could not download state from any peer; keeping our own")
 
     # -- the loop
     async def run(self) -> str:
@@ -242,6 +289,8 @@ class Driver:
         if not await self.join():
             return "signal" if self.signals else "no_peers"
         while self.poll.progress < p.steps:
+            if self.resync_from:
+                await self.resync()
             if not await self.wait_until(lambda: self.poll.can_step, abort_on_stop=True):
                 break
             t = self.now()
@@ -282,7 +331,8 @@ class Driver:
         row = {"step": step, "loss": round(self.last_loss, 6), "peers": len(self.peers),
                "seconds": round(self.seconds(), 3),
                "bytes_sent": sum(tr.sent.values()), "bytes_received": sum(tr.received.values()),
-               "sent_by_type": dict(tr.sent), "received_by_type": dict(tr.received), **extra}
+               "sent_by_type": dict(tr.sent), "received_by_type": dict(tr.received),
+               "resyncs": self.resyncs, **extra}
         self.log_row(row)
         if evaluate or step % 10 == 0:
             val = f"  val {self.val_loss:.3f}" if evaluate else ""
@@ -314,6 +364,7 @@ class Driver:
                 "idle_fraction": round(idle / total, 4),
                 "sync_seconds_mean": round(idle / (steps / rounds), 4),
                 "rejects": {**dict(self.rejects), **stats.get("rejects", {})},
+                "resyncs": self.resyncs,
                 "transport_events": dict(tr.events),
                 "stats": {k: v for k, v in stats.items() if k != "rejects"},
                 **({"fingerprint": self.algo.fingerprint()}

@@ -147,7 +147,8 @@ async def serve(node: NodeConfig, mcfg: ModelConfig, dcfg: DataConfig, acfg: Any
                 start_timeout=node.start_timeout, eval_every=node.eval_every,
                 checkpoint_every=node.checkpoint_every, peer_ttl=node.peer_ttl,
                 sync=node.sync, linger=node.linger,
-                announce_wait=2 * node.heartbeat_period)
+                announce_wait=2 * node.heartbeat_period,
+                withhold_record=node.withhold_record)
     start = A.progress(algo)
     log = MetricsLog(out / "metrics.jsonl", resume_step=start if ckpt is not None else None)
 
@@ -163,7 +164,8 @@ async def serve(node: NodeConfig, mcfg: ModelConfig, dcfg: DataConfig, acfg: Any
                    frame_limit=A.frame_limit(numel), state_limit=A.state_limit(numel),
                    heartbeat_period=node.heartbeat_period, peer_ttl=node.peer_ttl,
                    on_frame=driver.on_frame, on_members=driver.on_members,
-                   serve_state=driver.serve_state, progress=lambda: driver.poll.progress)
+                   serve_state=driver.serve_state, progress=lambda: driver.poll.progress,
+                   marks=driver.recent_marks)
     if ckpt is not None:
         tr.sent.update(ckpt.get("sent", {}))
         tr.received.update(ckpt.get("received", {}))

@@ -45,6 +45,9 @@ class NodeConfig:
     sync: bool = opt(True, "on joining a swarm that is ahead, download a peer's state")
     linger: float = opt(2.0, "seconds to keep serving peers after the last step", lo=0.0)
     threads: int = opt(0, "torch CPU threads (0: torch's default)", lo=0, hi=1024)
+    withhold_record: int = opt(-1, "testing only: send our SPSA record of this step to one "
+                               "peer, not all, to provoke a split and its repair (-1: off)",
+                               lo=-1)
 
     def check(self) -> None:
         validate(self)

@@ -20,7 +20,10 @@ transport's handshake has authenticated.
 
 Membership. Every ``heartbeat_period`` seconds a peer stores a small record under the DHT
 key ``<swarm>.peers`` with its peer id as the subkey and an expiration ``peer_ttl``
-seconds ahead, then reads the key back: the unexpired subkeys are the live swarm.
+seconds ahead, then reads the key back: the unexpired subkeys are the live swarm. The
+record holds the peer's progress, whether it is in client mode and, for SPSA, its latest
+marks (final steps and the fingerprint of θ at each), which the driver compares to find a
+replica that split from the others.
 DHT expirations use ``get_dht_time()`` (wall clock, as hivemind requires); nothing else
 here does.
 
@@ -32,9 +35,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from hivemind import DHT
@@ -46,12 +50,14 @@ QUEUE_FRAMES = 256  # per peer; beyond this the newest frame is dropped
 DIAL_TIMEOUT = 5.0
 MAX_MEMBERS = 4096  # entries read from the peers key; a flood of fake ones is cut here
 STATE_REQUEST = b"byteswarm-state?"
+MAX_MARKS = 16  # SPSA marks read from one heartbeat
 
 
 @dataclass(frozen=True)
 class Member:
     progress: int  # the peer's own count of steps (see driver.progress)
     client: bool  # in client mode: cannot be dialed
+    marks: dict[int, str] = field(default_factory=dict)  # SPSA: final step -> fingerprint
 
 
 def parse_members(found: Any, now: float, limit: int = MAX_MEMBERS) -> dict[str, Member]:
@@ -67,7 +73,20 @@ def parse_members(found: Any, now: float, limit: int = MAX_MEMBERS) -> dict[str,
             continue
         progress, client = value.get("progress"), value.get("client")
         if type(progress) is int and progress >= 0 and isinstance(client, bool):
-            out[subkey] = Member(progress, client)
+            out[subkey] = Member(progress, client, parse_marks(value.get("marks")))
+    return out
+
+
+def parse_marks(value: Any) -> dict[int, str]:
+    """SPSA marks from a heartbeat, [[step, 16 hex digits], …]; junk entries are skipped."""
+    out: dict[int, str] = {}
+    if not isinstance(value, (list, tuple)):
+        return out
+    for item in value[:MAX_MARKS]:
+        if (isinstance(item, (list, tuple)) and len(item) == 2 and type(item[0]) is int
+                and 0 <= item[0] < 1 << 62 and isinstance(item[1], str)
+                and re.fullmatch(r"[0-9a-f]{16}", item[1])):
+            out[item[0]] = item[1]
     return out
 
 
@@ -92,13 +111,14 @@ class Transport:
                  on_frame: Callable[[str, bytes], Awaitable[str]],
                  on_members: Callable[[dict[str, Member]], Awaitable[None]],
                  serve_state: Callable[[], Awaitable[bytes]],
-                 progress: Callable[[], int]):
+                 progress: Callable[[], int],
+                 marks: Callable[[], dict[int, str]] = dict):
         self.dht, self.swarm, self.peer_id = dht, swarm, peer_id
         self.client_mode = client_mode
         self.frame_limit, self.state_limit = frame_limit, state_limit
         self.heartbeat_period, self.peer_ttl = heartbeat_period, peer_ttl
         self.on_frame, self.on_members = on_frame, on_members
-        self.serve_state, self.progress = serve_state, progress
+        self.serve_state, self.progress, self.marks = serve_state, progress, marks
         self.msg_proto = f"/byteswarm/{swarm}/msg/1"
         self.state_proto = f"/byteswarm/{swarm}/state/1"
         self.members: dict[str, Member] = {}
@@ -268,12 +288,15 @@ class Transport:
 
     async def beat(self) -> None:
         """Store our heartbeat, read everyone's, report the live set."""
-        value = {"progress": int(self.progress()), "client": self.client_mode}
+        value: dict[str, Any] = {"progress": int(self.progress()), "client": self.client_mode}
+        marks = self.marks()
+        if marks:
+            value["marks"] = [[t, fp] for t, fp in marks.items()]
         await self.dht.store(self.key, value, get_dht_time() + self.peer_ttl,
                              subkey=self.peer_id, return_future=True)
         found = await self.dht.get(self.key, latest=True, return_future=True)
         members = parse_members(found, get_dht_time())
-        members[self.peer_id] = Member(int(self.progress()), self.client_mode)
+        members[self.peer_id] = Member(int(self.progress()), self.client_mode, marks)
         self.members = members
         if self.client_mode:  # open our side now, so the others can write back
             for peer, m in members.items():

@@ -232,6 +232,7 @@ class SPSA(Mailbox):
         # peer that just left may have records in flight that others already applied.
         self.known = set(self.peers)
         self.closed = -1  # last step closed locally (applied to self.theta)
+        self._mark: tuple[int, str] | None = None
         self.counts = {"records_sent": 0, "records_applied": 0, "late_records": 0,
                        "replays": 0, "steps_closed": 0, "steps_timed_out": 0}
 
@@ -246,7 +247,6 @@ class SPSA(Mailbox):
 
     def can_step(self) -> bool:
         return self.peer_id not in self.records.get(self.step, {})
-
 
     def on_local_step(self, now: float) -> dict[str, float]:
         if not self.can_step():
@@ -269,9 +269,6 @@ class SPSA(Mailbox):
         self._maybe_close(now)
         return {"loss": 0.5 * (losses[0] + losses[1]), "g": g, "q": float(q)}
 
-
-
-
     def on_timer(self, now: float) -> None:
         if self.deadline is not None and now >= self.deadline:
             self.counts["steps_timed_out"] += 1
@@ -284,6 +281,13 @@ class SPSA(Mailbox):
     def fingerprint(self) -> str:
         return fingerprint_of(self.theta)
 
+    def final_mark(self) -> tuple[int, str]:
+        """(step, fingerprint) of the final snapshot: equal on every peer that applied the
+        same records, whatever arrived late, so peers compare these to find a split."""
+        if self._mark is None or self._mark[0] != self.snap.step:
+            self._mark = (self.snap.step, fingerprint_of(self.snap.theta))
+        return self._mark
+
     def state_bytes(self) -> int:
         """Bytes a joiner downloads: the snapshot θ and the open records (~32 B each)."""
         return 4 * self.theta.numel() + 32 * sum(len(r) for r in self.records.values())
@@ -294,8 +298,17 @@ class SPSA(Mailbox):
                 "records": {t: dict(r) for t, r in self.records.items()}}
 
     def import_state(self, state: dict) -> None:
+        """Adopt a donor's state. The records we hold for steps still open there are
+        kept too: each came from its author (ours we sent), so every peer will hold it,
+        and the donor may simply not have it yet (a re-step of ours would even send a
+        second, different byte for a step)."""
+        held = self.records
         self.snap = state["snap"].copy()
         self.records = {t: dict(r) for t, r in state["records"].items()}
+        for t, recs in held.items():
+            if t > self.snap.step:
+                for p, q in recs.items():
+                    self.records.setdefault(t, {}).setdefault(p, q)
         self.closed = state["closed"]
         self.theta.copy_(replay(self.snap, self.records, self.closed, self.cfg,
                                 self.pad).theta)

@@ -109,3 +109,32 @@ def test_junk_from_a_peer_is_counted_and_the_node_goes_on(launch):  # noqa: F811
         assert s["rejects"].get(reason, 0) >= 1, (reason, s["rejects"])
     assert s["transport_events"]["oversized_frame"] == 1
     assert s["sent_by_type"]["state"] == got["state_bytes"] + 8
+
+
+@pytest.mark.slow
+def test_a_split_replica_is_found_by_its_marks_and_repaired(launch, tmp_path):  # noqa: F811
+    cfg = spsa_config(tmp_path, step_timeout=1.0)
+    # ~50 steps a second here, heartbeats every 0.5 s: a split is seen within ~50 steps.
+    common = ["--config", cfg, "--min-peers", "3", "--steps", "300", "--eval-every", "1000"]
+    a = launch("a", *common, "--shard", "0")
+    maddr = a.maddr()
+    b = launch("b", *common, "--shard", "1", "--initial-peers", maddr)
+    # c sends its record of step 12 to one peer only: the other closes step 12 without it
+    # and splits from the two who have it, for good (the step becomes final).
+    c = launch("c", *common, "--shard", "2", "--initial-peers", maddr,
+               "--withhold-record", "12")
+    for n in (a, b, c):
+        assert n.wait(timeout=150) == 0, n.text()[-3000:]
+    summaries = {n: n.summary() for n in (a, b, c)}
+    (split,) = [n for n, s in summaries.items() if s["resyncs"]]
+    assert split is not c and summaries[split]["resyncs"] == 1
+    assert "our replica split from 2 peer(s): resyncing" in split.text()
+    assert summaries[split]["stats"]["steps_timed_out"] >= 1
+    rows = [by_step(n) for n in (a, b, c)]
+    fp = lambda s: {r[s]["fingerprint"] for r in rows}
+    assert len(fp(16)) == 2  # the split is real: step 12 is final at step 16
+    repaired = min(s for s, r in by_step(split).items() if r["resyncs"])
+    assert repaired < 250
+    for s in range(repaired + 5, 301):  # identical again once the repair is final
+        assert len(fp(s)) == 1, s
+    assert len({s["fingerprint"] for s in summaries.values()}) == 1

@@ -11,9 +11,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 from byteswarm.node import algos as A
+from byteswarm.node.algos import outvoted
 from byteswarm.node.cli import main
 from byteswarm.node.identity import ensure_identity
-from byteswarm.node.transport import parse_members
+from byteswarm.node.transport import Member, parse_marks, parse_members
 from byteswarm.optim.config import ConfigError
 from byteswarm.optim.data import DataConfig
 from byteswarm.optim.model import ModelConfig
@@ -77,6 +78,57 @@ def test_members_are_parsed_defensively():
     assert parse_members(None, 0.0) == {} and parse_members(entry("str", 9.0), 0.0) == {}
     many = entry({f"p{i}": entry(ok, 20.0) for i in range(50)}, 20.0)
     assert len(parse_members(many, 10.0, limit=10)) == 10
+
+
+def test_marks_are_parsed_defensively_and_outvoted_peers_found():
+    good = "0123456789abcdef"
+    junk = [None, [5], [5, "XYZ"], [-1, good], [1.0, good], [5, good + "0"], "5:" + good]
+    assert parse_marks(junk) == {} and parse_marks("x") == {} and parse_marks(None) == {}
+    assert parse_marks([[5, good], [10, good]] + junk) == {5: good, 10: good}
+    assert len(parse_marks([[t, good] for t in range(100)])) == 16
+    m = lambda *pairs: Member(0, False, dict(pairs))
+    own = {5: "a" * 16, 10: "b" * 16}
+    # At step 10 two others agree with each other, not with us: copy one of them.
+    members = {"x": m((10, "c" * 16)), "y": m((5, "a" * 16), (10, "c" * 16)),
+               "z": m((5, "a" * 16))}
+    assert sorted(outvoted(own, members, "me")) == ["x", "y"]
+    # One against one is a tie: nobody can tell who split.
+    assert outvoted(own, {"x": m((10, "c" * 16))}, "me") == []
+    # We are in the majority, or nobody else marked our steps: nothing to do.
+    assert outvoted(own, {"x": m((10, "b" * 16)), "y": m((10, "c" * 16))}, "me") == []
+    assert outvoted(own, {"x": m((15, "c" * 16)), "y": Member(3, False)}, "me") == []
+    # A tie at the latest shared step (one other has marked it so far) decides nothing.
+    assert sorted(outvoted(own | {15: "d" * 16}, members | {"x": m((10, "c" * 16),
+                                                                   (15, "e" * 16))},
+                           "me")) == ["x", "y"]
+    # Only the latest decisive step counts (an old split was repaired since).
+    assert outvoted(own, {"x": m((10, "b" * 16)), "y": m((5, "f" * 16)),
+                          "z": m((5, "f" * 16))}, "me") == []
+
+
+def test_spsa_resync_keeps_the_records_the_donor_lacks(workload):
+    # a and b apply the same records, except that b never got c's record of step 0.
+    cfg = SPSAConfig(swarm="u", finality_steps=2)
+    ids = frozenset({"a", "b", "c"})
+    a, b, c = (A.make_algorithm("spsa", cfg, p, 0, 2, workload) for p in "abc")
+    for x in (a, b, c):
+        x.on_peers(ids, 0.0)
+    for t in range(6):
+        sends = {x.peer_id: (x.on_local_step(0.0), x.outbox())[1] for x in (a, b, c)}
+        for x in (a, b, c):
+            for sender, out in sends.items():
+                if sender != x.peer_id and not (t == 0 and sender == "c" and x is b):
+                    for send in out:
+                        x.on_message(sender, send.msg, 0.0)
+            x.on_timer(1e9)
+    assert a.fingerprint() == c.fingerprint() != b.fingerprint()
+    # b holds its own record of a step a has not seen yet: a resync must not lose it.
+    b.on_local_step(0.0)
+    (mine,) = b.outbox()
+    A.load_sync_state(b, A.loads(A.dumps(A.sync_state(a))))
+    assert b.fingerprint() == a.fingerprint() and not b.can_step()
+    a.on_message("b", mine.msg, 0.0)
+    assert a.records[mine.msg.step] == b.records[mine.msg.step]
 
 
 # --- state: sync downloads are untrusted, checkpoints resume exactly --------------------------
