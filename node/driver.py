@@ -66,7 +66,7 @@ class Poll:
 @dataclass(frozen=True, kw_only=True)
 class Plan:
     swarm: str
-    steps: int  # stop when the swarm position reaches this
+    steps: int  # stop when the swarm position reaches this (0: never)
     min_peers: int
     start_timeout: float
     eval_every: int
@@ -106,6 +106,8 @@ class Driver:
         self.resync_from: list[str] = []  # a split was found: copy one of these
         self.last_resync = -math.inf
         self.resyncs = 0
+        self.last_wait = 0.0  # seconds the last step waited for its step or round to close
+        self.last_said = (self.t0, self.poll.progress)  # (time, step) of the last line
 
     @staticmethod
     def now() -> float:
@@ -288,7 +290,8 @@ class Driver:
         p = self.plan
         if not await self.join():
             return "signal" if self.signals else "no_peers"
-        while self.poll.progress < p.steps:
+        target = p.steps or math.inf
+        while self.poll.progress < target:
             if self.resync_from:
                 await self.resync()
             if not await self.wait_until(lambda: self.poll.can_step, abort_on_stop=True):
@@ -297,12 +300,14 @@ class Driver:
             info = await self.act(self.algo.on_local_step, self.now())
             self.compute_seconds += self.now() - t
             self.last_loss = float(info["loss"])
+            t = self.now()
             if not await self.wait_until(lambda: self.poll.can_step, abort_on_stop=False):
                 break
+            self.last_wait = self.now() - t
             step = self.poll.progress
-            evaluate = step % p.eval_every == 0 or step >= p.steps
+            evaluate = step % p.eval_every == 0 or step >= target
             await self.write_row(step, evaluate)
-            if step % p.checkpoint_every == 0 or step >= p.steps:
+            if step % p.checkpoint_every == 0 or step >= target:
                 await self.save()
             if self.signals:
                 break
@@ -332,13 +337,16 @@ class Driver:
                "seconds": round(self.seconds(), 3),
                "bytes_sent": sum(tr.sent.values()), "bytes_received": sum(tr.received.values()),
                "sent_by_type": dict(tr.sent), "received_by_type": dict(tr.received),
-               "resyncs": self.resyncs, **extra}
+               "wait_seconds": round(self.last_wait, 4), "resyncs": self.resyncs, **extra}
         self.log_row(row)
         if evaluate or step % 10 == 0:
             val = f"  val {self.val_loss:.3f}" if evaluate else ""
+            t0, s0 = self.last_said
+            rate = (step - s0) / max(self.now() - t0, 1e-9)
+            self.last_said = (self.now(), step)
             self.say(f"step {step}  loss {self.last_loss:.3f}{val}  peers {len(self.peers)}"
                      f"  up {row['bytes_sent'] / 1e3:.1f} kB  down "
-                     f"{row['bytes_received'] / 1e3:.1f} kB")
+                     f"{row['bytes_received'] / 1e3:.1f} kB  {rate:.2f} steps/s")
 
     def seconds(self) -> float:
         return self.seconds_before + self.now() - self.t0

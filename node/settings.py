@@ -27,7 +27,8 @@ class NodeConfig:
                         "OUT/identity.key, so a restart keeps its peer id)")
     client_mode: bool = opt(False, "do not accept incoming connections (behind NAT): "
                             "dial the others and hear back on those streams")
-    steps: int = opt(100, "train until the swarm position reaches this step", lo=1)
+    steps: int = opt(0, "train until the swarm position reaches this step (0: until "
+                     "stopped by SIGINT or SIGTERM)", lo=0)
     min_peers: int = opt(1, "before the first step, wait until this many peers (self "
                          "included) are in a new swarm", lo=1, hi=100_000)
     start_timeout: float = opt(300.0, "give up if min_peers are not there after this many "
