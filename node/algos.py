@@ -16,15 +16,19 @@ into the algorithms as ``state_dict()``/``load_state_dict()``.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from byteswarm.optim.data import Shard
 from byteswarm.optim.diloco import DiLoCo
 from byteswarm.optim.kernels import perturb, update_
 from byteswarm.optim.noloco import NoLoCo
 from byteswarm.optim.sansio import Algorithm, Rejected
+from byteswarm.optim.seeds import derive_seed
 from byteswarm.optim.spsa import Q_MAX, SPSA, Snapshot
 from byteswarm.optim.workload import ALGOS, Workload
 
@@ -36,6 +40,20 @@ def make_algorithm(name: str, cfg: Any, peer_id: str, shard: int, num_shards: in
                    w: Workload) -> Algorithm:
     """Every peer builds the same initial weights from the run's seed (SPSA needs it)."""
     return ALGOS[name].make(cfg, peer_id, shard, num_shards, {peer_id}, w)
+
+
+def shard_index(peer_id: str, num_shards: int) -> int:
+    """The shard a peer reads unless told otherwise: public, from its id."""
+    return derive_seed("shard", peer_id) % num_shards
+
+
+def public_shards(w: Workload, num_shards: int) -> Callable[[str], Shard]:
+    """Any peer's shard from its id (what SPSA's spot checks recompute records on)."""
+    @functools.lru_cache(maxsize=256)
+    def shard_of(peer_id: str) -> Shard:
+        return w.corpus.shard(shard_index(peer_id, num_shards), num_shards,
+                              non_iid=w.data.non_iid, seed=w.seed)
+    return shard_of
 
 
 def warm_up(algo: Algorithm) -> None:

@@ -33,7 +33,6 @@ from byteswarm.optim import config as C
 from byteswarm.optim.data import DataConfig
 from byteswarm.optim.files import MetricsLog, load_checkpoint, save_checkpoint, save_json
 from byteswarm.optim.model import ModelConfig
-from byteswarm.optim.seeds import derive_seed
 from byteswarm.optim.workload import ALGOS, load_workload
 
 from . import algos as A
@@ -88,6 +87,9 @@ def load_configs(args: argparse.Namespace) -> tuple[NodeConfig, ModelConfig, Dat
             raise C.ConfigError(f"spsa: swarm {section['swarm']!r} differs from the node's "
                                 f"swarm {node.swarm!r}; set it once, in [node]")
     algo = C.from_mapping(ALGOS[node.algo].config_cls, section, where=node.algo)
+    if getattr(algo, "spot_check_rate", 0) > 0 and node.shard >= 0:
+        raise C.ConfigError("spsa: spot checks recompute other peers' records on their "
+                            "shards, which follow from peer ids only when no --shard is set")
     return node, model, data, algo
 
 
@@ -137,8 +139,10 @@ async def serve(node: NodeConfig, mcfg: ModelConfig, dcfg: DataConfig, acfg: Any
                 pending: list[int], *, quiet: bool) -> int:
     loop = asyncio.get_running_loop()
     w = await loop.run_in_executor(None, load_workload, mcfg, dcfg, node.seed)
-    shard = node.shard if node.shard >= 0 else derive_seed("shard", peer_id) % node.num_shards
+    shard = node.shard if node.shard >= 0 else A.shard_index(peer_id, node.num_shards)
     algo = A.make_algorithm(node.algo, acfg, peer_id, shard, node.num_shards, w)
+    if getattr(acfg, "spot_check_rate", 0) > 0:
+        algo.shard_of = A.public_shards(w, node.num_shards)
     if ckpt is not None:
         A.load_full_state(algo, ckpt["state"])
     await loop.run_in_executor(None, A.warm_up, algo)

@@ -33,12 +33,24 @@ the record's seed (unbiased while |g| ≤ S_t; error |ĝ − g| < S_t/127, varia
 ĝ² over *final* steps (t − 1 − finality_steps and older), so every peer derives the same
 S_t from the shared record log whatever arrived late. Values beyond S_t saturate (the only
 bias), and saturation pushes v, and so S, up.
+
+Spot checks. A record is a deterministic function of public things: θ before its step,
+the sender's shard (assigned from its peer id, so ``shard_of(peer)`` is known to all) and
+the record's seed, which also draws the rounding coin. Every peer recomputes the same
+sample of records — chosen by a hash of (swarm, step, peer) below ``spot_check_rate`` —
+just before it applies them, so honest peers reach the same verdict on the same records:
+a byte more than ``spot_check_tolerance`` away from the recomputed one is dropped and its
+sender banned (its later records are rejected) on every honest peer at the same step,
+and the replicas stay identical. A sampled record that arrives late is checked against θ
+replayed to the step before it. A liar's influence is bounded anyway (a byte moves θ by
+at most η·S/|R_t| along z); the checks make lying a lasting cost.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -76,6 +88,12 @@ class SPSAConfig:
     max_ahead: int = opt(4, "reject records more than this many steps ahead", lo=1)
     step_timeout: float = opt(5.0, "seconds to wait for the other records of a step",
                               lo=0.0, lo_open=True)
+    spot_check_rate: float = opt(0.0, "fraction of other peers' records that every peer "
+                                 "recomputes from the sender's public shard (two forward "
+                                 "passes each); a liar is banned (needs shard_of)",
+                                 lo=0.0, hi=1.0)
+    spot_check_tolerance: int = opt(2, "a recomputed byte may differ by this much (float "
+                                    "rounding on other hardware)", lo=0, hi=2 * 127)
 
 
 # --- math: plain functions ------------------------------------------------------------
@@ -233,8 +251,11 @@ class SPSA(Mailbox):
         self.known = set(self.peers)
         self.closed = -1  # last step closed locally (applied to self.theta)
         self._mark: tuple[int, str] | None = None
+        self.shard_of: Callable[[str], Shard] | None = None  # for spot checks
+        self.banned: set[str] = set()
         self.counts = {"records_sent": 0, "records_applied": 0, "late_records": 0,
-                       "replays": 0, "steps_closed": 0, "steps_timed_out": 0}
+                       "replays": 0, "steps_closed": 0, "steps_timed_out": 0,
+                       "spot_checks": 0, "spot_failures": 0}
 
     def scale(self, step: int) -> float:
         return self.snap.scale(step, self.cfg)
@@ -253,12 +274,7 @@ class SPSA(Mailbox):
             raise RuntimeError("on_local_step called while waiting for the step to close")
         t = self.step
         seed = record_seed(self.cfg.swarm, t, self.peer_id)
-        x, y = self.shard.batch(t, self.batch_size, self.seq_len)
-        losses = []
-        with torch.no_grad():
-            for sign in (1.0, -1.0):
-                perturb(self.theta, self.flat.buffer, seed, sign * self.cfg.eps)
-                losses.append(lm_loss(self.model, x, y).item())
+        losses = self._losses(self.theta, self.shard, t, seed)
         g = spsa_projected_grad(losses[0], losses[1], self.cfg.eps)
         q = quantize_g(g, self.scale(t), seed)
         self.expected.setdefault(t, self.peers)
@@ -268,6 +284,16 @@ class SPSA(Mailbox):
         self.deadline = now + self.cfg.step_timeout
         self._maybe_close(now)
         return {"loss": 0.5 * (losses[0] + losses[1]), "g": g, "q": float(q)}
+
+    def _losses(self, theta: torch.Tensor, shard: Shard, t: int, seed: int) -> list[float]:
+        """ℓ+ and ℓ− of step t on ``shard``'s batch, measured on a scratch copy of θ."""
+        x, y = shard.batch(t, self.batch_size, self.seq_len)
+        losses = []
+        with torch.no_grad():
+            for sign in (1.0, -1.0):
+                perturb(theta, self.flat.buffer, seed, sign * self.cfg.eps)
+                losses.append(lm_loss(self.model, x, y).item())
+        return losses
 
     def on_timer(self, now: float) -> None:
         if self.deadline is not None and now >= self.deadline:
@@ -316,7 +342,7 @@ class SPSA(Mailbox):
 
     def stats(self) -> dict:
         return {**self.counts, "closed_step": self.closed, "final_step": self.snap.step,
-                "rejects": self.rejects.snapshot()}
+                "banned": len(self.banned), "rejects": self.rejects.snapshot()}
 
     # -- internals
     def _accept(self, sender: str, msg: object) -> None:
@@ -326,6 +352,8 @@ class SPSA(Mailbox):
             raise Rejected("byte_out_of_range", repr(msg.q))
         if msg.peer not in self.known:
             raise Rejected("unknown_peer", msg.peer)
+        if msg.peer in self.banned:
+            raise Rejected("banned", msg.peer)
         if msg.step <= self.snap.step:
             raise Rejected("too_late", f"step {msg.step} is final")
         if msg.step > self.step + self.cfg.max_ahead:
@@ -336,6 +364,10 @@ class SPSA(Mailbox):
         step_records[msg.peer] = msg.q
         if msg.step <= self.closed:  # late: rebuild θ as if it had come on time
             self.counts["late_records"] += 1
+            if self._sampled(msg.step, msg.peer):
+                before = replay(self.snap, self.records, msg.step - 1, self.cfg, self.pad)
+                if not self._check(before.theta, msg.step, msg.peer):
+                    return
             self._replay_live()
 
     def on_peers(self, peers: frozenset[str], now: float) -> None:
@@ -348,10 +380,13 @@ class SPSA(Mailbox):
     def _maybe_close(self, now: float) -> None:
         t = self.step
         have = self.records.get(t, {})
-        if self.peer_id in have and self.expected.get(t, self.peers) <= set(have):
+        if self.peer_id in have and self.expected.get(t, self.peers) - self.banned <= set(have):
             self._close(t)
 
     def _close(self, t: int) -> None:
+        for peer in sorted(self.records.get(t, {})):
+            if self._sampled(t, peer):
+                self._check(self.theta, t, peer)  # self.theta is θ before step t
         apply_step_(self.theta, t, self.records.get(t, {}), self.scale(t), self.cfg, self.pad)
         self.counts["records_applied"] += len(self.records.get(t, {}))
         self.counts["steps_closed"] += 1
@@ -360,6 +395,29 @@ class SPSA(Mailbox):
         self.expected.pop(t, None)
         while self.snap.step < self.closed - self.cfg.finality_steps:
             self._finalize(self.snap.step + 1)
+
+    def _sampled(self, t: int, peer: str) -> bool:
+        rate = self.cfg.spot_check_rate
+        return (rate > 0 and self.shard_of is not None and peer != self.peer_id
+                and derive_seed("spot", self.cfg.swarm, t, peer) < rate * 2.0**64)
+
+    def _check(self, theta_before: torch.Tensor, t: int, peer: str) -> bool:
+        """Recompute ``peer``'s byte of step t; on a lie, drop the record and ban the peer
+        (its records of later steps too). True if the record stands."""
+        q = self.records[t][peer]
+        seed = record_seed(self.cfg.swarm, t, peer)
+        losses = self._losses(theta_before, self.shard_of(peer), t, seed)
+        expect = quantize_g(spsa_projected_grad(*losses, self.cfg.eps), self.scale(t), seed)
+        self.counts["spot_checks"] += 1
+        if abs(q - expect) <= self.cfg.spot_check_tolerance:
+            return True
+        self.counts["spot_failures"] += 1
+        self.rejects.add("spot_check_failed")
+        self.banned.add(peer)
+        for s, recs in self.records.items():
+            if s >= t:
+                recs.pop(peer, None)
+        return False
 
     def _finalize(self, t: int) -> None:
         """Fold step t into the snapshot; from now on it accepts no more records."""

@@ -219,6 +219,10 @@ def test_config_file_errors_exit_2(tmp_path, capsys):
     cfg.write_text("[node]\nswarm = 'a'\n[spsa]\nswarm = 'b'\n")
     assert main(["node", "--out", str(tmp_path / "o"), "--config", str(cfg)]) == 2
     assert "differs from the node's swarm" in capsys.readouterr().err
+    cfg.write_text("[spsa]\nspot_check_rate = 0.1\n")
+    assert main(["node", "--out", str(tmp_path / "o"), "--config", str(cfg),
+                 "--shard", "1"]) == 2
+    assert "follow from peer ids only when no --shard" in capsys.readouterr().err
     cfg.write_text("[node]\ninitial_peers = [1, 2]\n")
     assert main(["node", "--out", str(tmp_path / "o"), "--config", str(cfg)]) == 2
     assert "list of strings" in capsys.readouterr().err

@@ -192,3 +192,58 @@ def test_records_of_a_peer_that_just_left_still_count(corpus):
     assert a.stats()["rejects"] == {}
     a.on_local_step(0.0)  # alone now: the step closes with both records
     assert a.stats()["records_applied"] == 2
+
+
+def test_spot_checks_ban_a_liar_on_every_honest_peer_alike(corpus):
+    cfg = SPSAConfig(spot_check_rate=1.0, finality_steps=2, lr=0.05)
+    peers = make_peers(corpus, 4, cfg)
+    shards = {p.peer_id: p.shard for p in peers}
+    for p in peers:
+        p.shard_of = shards.__getitem__
+    honest, liar = peers[:3], peers[3]
+    delayed = []
+    for t in range(5):
+        sent = []
+        for p in peers:
+            p.on_local_step(float(t))
+            for s in p.outbox():
+                m = s.msg
+                if p is liar and t >= 2:  # from step 2 on it sends the opposite byte
+                    m = Record(m.step, m.peer, -m.q if m.q else Q_MAX)
+                sent.append(m)
+        for p in peers:
+            for m in sent:
+                if m.peer == p.peer_id:
+                    continue
+                if p is honest[2] and m.peer == liar.peer_id and t == 2:
+                    delayed.append(m)  # arrives after p02 closed step 2
+                else:
+                    p.on_message(m.peer, m, float(t))
+            if not p.can_step():
+                p.on_timer(1e9)
+        if t == 2:
+            for m in delayed:
+                honest[2].on_message(m.peer, m, float(t))
+    stats = [p.stats() for p in honest]
+    # Honest bytes pass; the first lie (on time for two peers, late for the third) is
+    # caught everywhere, and the liar's later records are refused as banned.
+    assert [s["spot_failures"] for s in stats] == [1, 1, 1]
+    assert all(s["banned"] == 1 and s["rejects"]["banned"] == 2 for s in stats)
+    # Every record of the three others at steps 0-2, then the two honest ones at 3-4.
+    assert [s["spot_checks"] for s in stats] == [13, 13, 13]
+    assert len({p.fingerprint() for p in honest}) == 1
+    assert all(s["steps_timed_out"] == 0 for s in stats[:2])  # a ban is not a wait
+    # Without the checks the lie would have been applied: a different θ.
+    blind = make_peers(corpus, 4, SPSAConfig(finality_steps=2, lr=0.05))
+    for t in range(5):
+        sent = []
+        for p in blind:
+            p.on_local_step(float(t))
+            sent += [s.msg if not (p is blind[3] and t >= 2) else
+                     Record(s.msg.step, s.msg.peer, -s.msg.q if s.msg.q else Q_MAX)
+                     for s in p.outbox()]
+        for p in blind:
+            for m in sent:
+                if m.peer != p.peer_id:
+                    p.on_message(m.peer, m, float(t))
+    assert blind[0].fingerprint() != honest[0].fingerprint()
