@@ -42,14 +42,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from byteswarm.optim.sansio import EVERYONE, Algorithm, Rejected, Send
-from byteswarm.optim.spsa import Record
+from byteswarm.optim.spsa import SPSA, Record
 from byteswarm.protocols import wire
 
 from . import algos as A
+from . import statesync
 from .transport import Member, Transport
 
 MAX_BUFFERED = 10_000  # messages held while we sync, before the algorithm takes them
 MAX_MARKS = 32  # our own SPSA marks kept for comparison
+STATE_REQUEST = b"byteswarm-state?"
 
 
 @dataclass
@@ -106,6 +108,8 @@ class Driver:
         self.resync_from: list[str] = []  # a split was found: copy one of these
         self.last_resync = -math.inf
         self.resyncs = 0
+        self.store = statesync.SnapshotStore()  # what we serve joiners (SPSA)
+        self.blame: Counter[str] = Counter()  # donors that sent junk or failed us
         self.last_wait = 0.0  # seconds the last step waited for its step or round to close
         self.last_said = (self.t0, self.poll.progress)  # (time, step) of the last line
 
@@ -117,6 +121,8 @@ class Driver:
     def _call(self, fn: Callable[..., Any] | None, args: tuple) -> tuple[Any, Poll]:
         res = fn(*args) if fn is not None else None
         a = self.algo
+        if isinstance(a, SPSA):
+            self.store.add(a.snap)
         return res, Poll(can_step=a.can_step(), deadline=a.next_deadline(),
                          progress=A.progress(a), outbox=a.outbox(), mark=A.mark(a))
 
@@ -197,9 +203,22 @@ class Driver:
         peers come at different steps, so one mark each would rarely meet)."""
         return {t: self.marks[t] for t in sorted(self.marks)[-A.MARKS_PUBLISHED:]}
 
-    async def serve_state(self) -> bytes:
+    async def serve_state(self, request: bytes) -> bytes:
+        """A donor's whole state (``sync_from``)."""
+        if request != STATE_REQUEST:
+            raise Rejected("bad_request", "not a state request")
         state = await self.act(A.sync_state, self.algo)
         return await asyncio.get_running_loop().run_in_executor(None, A.dumps, state)
+
+    async def serve_snap(self, request: bytes) -> bytes:
+        """An index, a chunk or the record log of a served SPSA snapshot (statesync.py)."""
+        op, step, index = statesync.parse_request(request)
+        if not isinstance(self.algo, SPSA):
+            return b""
+        if op == "log":
+            return await self.act(lambda: statesync.log_blob(self.algo.closed,
+                                                             self.algo.log_since(step)))
+        return await self.act(self.store.answer, op, step, index)
 
     # -- waiting
     async def wait_until(self, cond: Callable[[], bool], *, abort_on_stop: bool,
@@ -245,9 +264,28 @@ class Driver:
             await asyncio.sleep(p.announce_wait)
             donors = sorted((m.progress, peer) for peer, m in self.members.items()
                             if A.needs_sync(self.algo, self.poll.progress, m.progress))
-            await self.sync_from([peer for _, peer in reversed(donors[-3:])])
+            await self.catch_up([peer for _, peer in reversed(donors)])
         await self.go_live()
         return True
+
+    async def catch_up(self, donors: list[str]) -> None:
+        """SPSA: a marked snapshot from several of ``donors`` in checked chunks, then the
+        records since; otherwise (or if that fails) one donor's whole state."""
+        mark = None
+        if isinstance(self.algo, SPSA):
+            mark = statesync.choose_mark(self.members, self.algo.peer_id, set(donors))
+        if mark is not None:
+            try:
+                state, served = await statesync.download(self.transport, mark,
+                                                         self.ctx.numel, self.blame)
+                await self.act(A.load_sync_state, self.algo, state)
+                self.say(f"synced from {len(served)} peer(s), snapshot of step {mark[0]} in "
+                         f"checked chunks: now at step {self.poll.progress}")
+                return
+            except Rejected as e:
+                self.rejects[e.reason] += 1
+                self.say(f"chunked download failed ({e.reason}: {e}); trying whole states")
+        await self.sync_from(donors[:3])
 
     async def go_live(self) -> None:
         await self.act(self.algo.on_peers, self.peers, self.now())
@@ -260,7 +298,7 @@ class Driver:
         """Copy a peer of the majority after a split (see the module docstring)."""
         donors, self.resync_from = self.resync_from, []
         self.ready = False  # what arrives meanwhile waits, as for a joiner
-        await self.sync_from(donors[:3])
+        await self.catch_up(donors)
         self.marks.clear()  # ours were of the split replica
         self.resyncs += 1
         self.last_resync = self.now()
@@ -270,7 +308,8 @@ class Driver:
         """Download a donor's state, trying each of ``donors`` in turn."""
         for peer in donors:
             try:
-                blob = await self.transport.fetch_state(peer, timeout=60.0)
+                blob = await self.transport.request(peer, "state", STATE_REQUEST,
+                                                    A.state_limit(self.ctx.numel), 60.0)
                 state = A.loads(blob)
                 await self.act(A.load_sync_state, self.algo, state)
             except Rejected as e:
@@ -372,7 +411,7 @@ class Driver:
                 "idle_fraction": round(idle / total, 4),
                 "sync_seconds_mean": round(idle / (steps / rounds), 4),
                 "rejects": {**dict(self.rejects), **stats.get("rejects", {})},
-                "resyncs": self.resyncs,
+                "resyncs": self.resyncs, "donor_blame": dict(self.blame),
                 "transport_events": dict(tr.events),
                 "stats": {k: v for k, v in stats.items() if k != "rejects"},
                 **({"fingerprint": self.algo.fingerprint()}

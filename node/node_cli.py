@@ -36,7 +36,8 @@ from byteswarm.optim.model import ModelConfig
 from byteswarm.optim.workload import ALGOS, load_workload
 
 from . import algos as A
-from .driver import Driver, Plan
+from . import statesync
+from .driver import STATE_REQUEST, Driver, Plan
 from .identity import ensure_identity
 from .procs import start_dht, stop_dht
 from .settings import LISTS, NodeConfig, join_lists
@@ -165,11 +166,12 @@ async def serve(node: NodeConfig, mcfg: ModelConfig, dcfg: DataConfig, acfg: Any
                     say=(lambda s: None) if quiet else say,
                     seconds_before=float(ckpt["seconds"]) if ckpt else 0.0)
     tr = Transport(dht, node.swarm, peer_id, client_mode=node.client_mode,
-                   frame_limit=A.frame_limit(numel), state_limit=A.state_limit(numel),
-                   heartbeat_period=node.heartbeat_period, peer_ttl=node.peer_ttl,
-                   on_frame=driver.on_frame, on_members=driver.on_members,
-                   serve_state=driver.serve_state, progress=lambda: driver.poll.progress,
+                   frame_limit=A.frame_limit(numel), heartbeat_period=node.heartbeat_period,
+                   peer_ttl=node.peer_ttl, on_frame=driver.on_frame,
+                   on_members=driver.on_members, progress=lambda: driver.poll.progress,
                    marks=driver.recent_marks)
+    tr.add_service("state", driver.serve_state, len(STATE_REQUEST))
+    tr.add_service("snap", driver.serve_snap, statesync.REQUEST_LIMIT)
     if ckpt is not None:
         tr.sent.update(ckpt.get("sent", {}))
         tr.received.update(ckpt.get("received", {}))

@@ -27,14 +27,16 @@ replica that split from the others.
 DHT expirations use ``get_dht_time()`` (wall clock, as hivemind requires); nothing else
 here does.
 
-State download. A joiner fetches a donor's algorithm state over ``/byteswarm/<swarm>/state/1``:
-one request frame, one response frame (bounded by ``state_limit``).
+Services. Request/response exchanges (a joiner's state download, see node/statesync.py)
+each have a protocol ``/byteswarm/<swarm>/<name>/1``: one request frame (bounded by the
+service's own limit), one response frame (bounded by the caller's), then the stream closes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -49,7 +51,6 @@ HEADER = 8
 QUEUE_FRAMES = 256  # per peer; beyond this the newest frame is dropped
 DIAL_TIMEOUT = 5.0
 MAX_MEMBERS = 4096  # entries read from the peers key; a flood of fake ones is cut here
-STATE_REQUEST = b"byteswarm-state?"
 MAX_MARKS = 16  # SPSA marks read from one heartbeat
 
 
@@ -107,20 +108,19 @@ class Transport:
     """Frames to and from peers, and the live member set, for one node."""
 
     def __init__(self, dht: DHT, swarm: str, peer_id: str, *, client_mode: bool,
-                 frame_limit: int, state_limit: int, heartbeat_period: float, peer_ttl: float,
+                 frame_limit: int, heartbeat_period: float, peer_ttl: float,
                  on_frame: Callable[[str, bytes], Awaitable[str]],
                  on_members: Callable[[dict[str, Member]], Awaitable[None]],
-                 serve_state: Callable[[], Awaitable[bytes]],
                  progress: Callable[[], int],
                  marks: Callable[[], dict[int, str]] = dict):
         self.dht, self.swarm, self.peer_id = dht, swarm, peer_id
         self.client_mode = client_mode
-        self.frame_limit, self.state_limit = frame_limit, state_limit
+        self.frame_limit = frame_limit
         self.heartbeat_period, self.peer_ttl = heartbeat_period, peer_ttl
         self.on_frame, self.on_members = on_frame, on_members
-        self.serve_state, self.progress, self.marks = serve_state, progress, marks
+        self.progress, self.marks = progress, marks
         self.msg_proto = f"/byteswarm/{swarm}/msg/1"
-        self.state_proto = f"/byteswarm/{swarm}/state/1"
+        self._services: dict[str, tuple[Callable[[bytes], Awaitable[bytes]], int]] = {}
         self.members: dict[str, Member] = {}
         self.p2p: Any = None
         self._writers: dict[str, asyncio.StreamWriter] = {}
@@ -135,7 +135,9 @@ class Transport:
     async def start(self) -> None:
         self.p2p = await self.dht.replicate_p2p()
         await self.p2p.add_binary_stream_handler(self.msg_proto, self._on_msg_stream)
-        await self.p2p.add_binary_stream_handler(self.state_proto, self._on_state_stream)
+        for name in self._services:
+            await self.p2p.add_binary_stream_handler(self._proto(name),
+                                                     functools.partial(self._serve, name))
         self._spawn(self._heartbeats())
 
     async def close(self) -> None:
@@ -254,31 +256,44 @@ class Transport:
                 with contextlib.suppress(Exception):
                     writer.close()
 
-    # -- state download
-    async def _on_state_stream(self, info: Any, reader: asyncio.StreamReader,
-                               writer: asyncio.StreamWriter) -> None:
+    # -- services
+    def add_service(self, name: str, handler: Callable[[bytes], Awaitable[bytes]],
+                    request_limit: int) -> None:
+        """Answer requests on ``/byteswarm/<swarm>/<name>/1`` (register before start)."""
+        self._services[name] = (handler, request_limit)
+
+    def _proto(self, name: str) -> str:
+        return f"/byteswarm/{self.swarm}/{name}/1"
+
+    async def _serve(self, name: str, info: Any, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        handler, limit = self._services[name]
         try:
-            if await read_frame(reader, len(STATE_REQUEST)) == STATE_REQUEST:
-                blob = await self.serve_state()
-                await write_frame(writer, blob)
-                self.sent["state"] += HEADER + len(blob)
-        except (ValueError, asyncio.IncompleteReadError, ConnectionError, OSError):
-            self.events["bad_state_request"] += 1
+            request = await asyncio.wait_for(read_frame(reader, limit), DIAL_TIMEOUT)
+            reply = await handler(request)
+            await write_frame(writer, reply)
+            self.sent[name] += HEADER + len(reply)
+        except asyncio.CancelledError:
+            pass  # we are closing
+        except Exception:  # junk, oversized or slow requests; a handler's Rejected
+            self.events[f"bad_{name}_request"] += 1
         finally:
             writer.close()
 
-    async def fetch_state(self, peer: str, timeout: float) -> bytes:
-        """A donor's serialized state; raises on any failure (the caller tries another)."""
+    async def request(self, peer: str, name: str, data: bytes, limit: int,
+                      timeout: float) -> bytes:
+        """One request to ``peer``'s service ``name``; raises on any failure (the caller
+        tries another peer)."""
         async def go() -> bytes:
             _, reader, writer = await self.p2p.call_binary_stream_handler(
-                PeerID.from_base58(peer), self.state_proto)
+                PeerID.from_base58(peer), self._proto(name))
             try:
-                await write_frame(writer, STATE_REQUEST)
-                blob = await read_frame(reader, self.state_limit)
+                await write_frame(writer, data)
+                reply = await read_frame(reader, limit)
             finally:
                 writer.close()
-            self.received["state"] += HEADER + len(blob)
-            return blob
+            self.received[name] += HEADER + len(reply)
+            return reply
         return await asyncio.wait_for(go(), timeout)
 
     # -- membership

@@ -65,6 +65,7 @@ from .seeds import derive_seed
 from .train import evaluate
 
 Q_MAX = 127
+HISTORY_STEPS = 128  # records of final steps kept for joiners (log_since)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -252,6 +253,7 @@ class SPSA(Mailbox):
         self.closed = -1  # last step closed locally (applied to self.theta)
         self._mark: tuple[int, str] | None = None
         self.shard_of: Callable[[str], Shard] | None = None  # for spot checks
+        self.history: dict[int, dict[str, int]] = {}  # records of the latest final steps
         self.banned: set[str] = set()
         self.counts = {"records_sent": 0, "records_applied": 0, "late_records": 0,
                        "replays": 0, "steps_closed": 0, "steps_timed_out": 0,
@@ -336,6 +338,11 @@ class SPSA(Mailbox):
                 for p, q in recs.items():
                     self.records.setdefault(t, {}).setdefault(p, q)
         self.closed = state["closed"]
+        self.history = {}  # of our old lineage: not to be served to anyone
+        # The snapshot may be older than the donor's own (statesync.py sends a marked one):
+        # fold the steps that are final by now into it, as _close would have.
+        while self.snap.step < self.closed - self.cfg.finality_steps:
+            self._finalize(self.snap.step + 1)
         self.theta.copy_(replay(self.snap, self.records, self.closed, self.cfg,
                                 self.pad).theta)
         self.expected, self.deadline = {}, None
@@ -421,7 +428,17 @@ class SPSA(Mailbox):
 
     def _finalize(self, t: int) -> None:
         """Fold step t into the snapshot; from now on it accepts no more records."""
-        self.snap.advance_(self.records.pop(t, {}), self.cfg, self.pad)
+        records = self.records.pop(t, {})
+        self.snap.advance_(records, self.cfg, self.pad)
+        self.history[t] = records
+        self.history.pop(t - HISTORY_STEPS, None)
+
+    def log_since(self, step: int) -> dict[int, dict[str, int]]:
+        """Records of the steps after ``step``, final or open, as far as we still hold
+        them: with a snapshot at ``step`` they rebuild our θ (``replay``)."""
+        out = {t: dict(r) for t, r in self.history.items() if t > step}
+        out.update({t: dict(r) for t, r in self.records.items() if t > step})
+        return out
 
     def _replay_live(self) -> None:
         self.counts["replays"] += 1

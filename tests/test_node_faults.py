@@ -9,8 +9,9 @@ import signal
 
 import msgpack
 import pytest
+from byteswarm.node.driver import STATE_REQUEST
 from byteswarm.node.identity import ensure_identity
-from byteswarm.node.transport import STATE_REQUEST, read_frame, write_frame
+from byteswarm.node.transport import read_frame, write_frame
 from byteswarm.optim.spsa import Record
 from byteswarm.protocols import wire
 from hivemind.p2p import P2P, PeerID
@@ -34,7 +35,9 @@ def test_killed_spsa_peer_comes_back_resumes_and_resyncs(launch, tmp_path):  # n
     a.wait_step(a.step() + 20, timeout=60)
 
     back = launch("c", *common, "--shard", "2", "--initial-peers", maddr)
-    m = back.wait_for(lambda: re.search(r"synced from \w+: now at step (\d+)", back.text()),
+    # A snapshot both others hold, in chunks from both, each checked, then the records since.
+    m = back.wait_for(lambda: re.search(r"synced from 2 peer\(s\), snapshot of step \d+ in "
+                                        r"checked chunks: now at step (\d+)", back.text()),
                       60, "the state download")
     resumed = re.search(r"resumed from \S+ at step (\d+)", back.text())
     assert resumed and int(resumed.group(1)) >= 20 and int(resumed.group(1)) % 10 == 0
@@ -58,7 +61,11 @@ def test_killed_spsa_peer_comes_back_resumes_and_resyncs(launch, tmp_path):  # n
     for n in (a, b, back):
         late = n.summary()["stats"]["late_records"]
         assert late <= 3, late  # a late record is the exception, not the rule
-    assert back.summary()["received_by_type"]["state"] > 4 * 136_000
+    got = back.summary()
+    assert got["received_by_type"]["snap"] > 4 * 136_000 and "state" not in got["received_by_type"]
+    assert got["donor_blame"] == {}
+    for n in (a, b):  # each served part of the snapshot
+        assert 4 * 136_000 / 3 < n.summary()["sent_by_type"]["snap"] < 4 * 136_000
 
 
 async def attack(maddr: str, swarm: str) -> dict:
