@@ -18,6 +18,7 @@ import stat
 from pathlib import Path
 
 from byteswarm.optim.config import ConfigError
+from byteswarm.protocols.signing import public_key_of_peer
 from cryptography.hazmat.primitives import serialization as ser
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hivemind.p2p import PeerID
@@ -37,6 +38,20 @@ def peer_id_of(public_key: bytes) -> str:
     pb = crypto_pb2.PublicKey(key_type=crypto_pb2.KeyType.Ed25519, data=public_key)
     blob = pb.SerializeToString()  # 36 bytes: < 128, so the varint length is one byte
     return PeerID(bytes([0x00, len(blob)]) + blob).to_base58()
+
+
+def public_key_of(peer_id: str) -> bytes:
+    """The raw 32-byte Ed25519 key inside a libp2p peer id: the inverse of ``peer_id_of``.
+
+    The peer id is base58btc of ``00 24 08 01 12 20`` + key (an identity multihash of
+    the key's protobuf), so no lookup is needed. Raises ``Rejected("bad_peer_id")`` for
+    anything else (junk, or a non-Ed25519 peer id such as an RSA one).
+    """
+    return public_key_of_peer(peer_id)
+
+
+def public_key_bytes(key: Ed25519PrivateKey) -> bytes:
+    return _raw(key)[1]
 
 
 def create_identity(path: Path) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
-from byteswarm.optim.diloco import GatherPart, ReducePart, part_bounds
+from byteswarm.optim.diloco import GatherPart, ReducePart
 from byteswarm.optim.noloco import NoLoCoShare
 from byteswarm.optim.sansio import Rejected
 from byteswarm.optim.spsa import Q_MAX, Record
@@ -30,6 +30,7 @@ VERSION = 1
 MAX_MESSAGE = 1 << 20  # bytes; tensor payloads travel as streams of their own
 MAX_ID = 128  # characters in a peer id or swarm name
 MAX_STEP = 1 << 62
+MAX_FIELDS = 8  # elements in any msgpack array of a message (envelope 4, bodies <= 5)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,11 @@ def encode(msg: Any, *, swarm: str) -> bytes:
                          use_bin_type=True)
 
 
+def max_message_bytes(ctx: Context = Context()) -> int:
+    """The largest message any registered type can be for this context."""
+    return max(c.max_bytes(ctx) for c in _BY_TYPE.values())
+
+
 def decode(data: bytes, *, swarm: str, ctx: Context = Context(),
            max_bytes: int | None = None) -> Any:
     """Bytes to a message, or Rejected(reason). ``max_bytes`` defaults to the largest
@@ -72,14 +78,16 @@ def decode(data: bytes, *, swarm: str, ctx: Context = Context(),
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise Rejected("malformed", "not bytes")
     if max_bytes is None:
-        max_bytes = max(c.max_bytes(ctx) for c in _BY_TYPE.values())
+        max_bytes = max_message_bytes(ctx)
     if len(data) > max_bytes:
         raise Rejected("oversized", f"{len(data)} > {max_bytes} bytes")
     try:
         # The input is already bounded; these bound what a header may claim inside it.
+        # msgpack allocates an array's slots when it reads the header, so a 3-byte input
+        # claiming 65535 elements cost 80 kB: no message has more than MAX_FIELDS.
         obj = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True,
                               max_str_len=max_bytes, max_bin_len=max_bytes,
-                              max_array_len=1 << 16, max_map_len=64)
+                              max_array_len=MAX_FIELDS, max_map_len=0, max_ext_len=0)
     except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError,
             TypeError, UnicodeDecodeError) as e:
         raise Rejected("malformed", type(e).__name__) from None
@@ -158,8 +166,10 @@ def _share_from(body: list, ctx: Context) -> NoLoCoShare:
 def _part_numel(ctx: Context, part: int, n_parts: int) -> int:
     if n_parts > max(ctx.numel, 1):
         raise Rejected("bad_field", f"n_parts={n_parts} for {ctx.numel} elements")
-    lo, hi = part_bounds(ctx.numel, n_parts)[part]
-    return hi - lo
+    # part_bounds(numel, n_parts)[part] without building all n_parts of them: a 20-byte
+    # message claiming 65535 parts made a 6 MB list here.
+    base, extra = divmod(ctx.numel, n_parts)
+    return base + (1 if part < extra else 0)
 
 
 def _reduce_from(body: list, ctx: Context) -> ReducePart:
