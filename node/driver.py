@@ -78,6 +78,7 @@ class Plan:
     linger: float
     announce_wait: float  # before a state download: let the others see our heartbeat
     withhold_record: int = -1  # testing: our record of this step goes to one peer only
+    joining: bool = False  # we were given initial peers: wait to see one of them
 
 
 class Driver:
@@ -110,6 +111,10 @@ class Driver:
         self.resyncs = 0
         self.store = statesync.SnapshotStore()  # what we serve joiners (SPSA)
         self.blame: Counter[str] = Counter()  # donors that sent junk or failed us
+        # A public swarm's admission rule: (peer id, its published token) -> may it take
+        # part? None: everyone may. Verdicts are cached per (peer, token).
+        self.admit: Callable[[str, bytes | None], bool] | None = None
+        self.verdicts: dict[tuple[str, bytes | None], bool] = {}
         self.last_wait = 0.0  # seconds the last step waited for its step or round to close
         self.last_said = (self.t0, self.poll.progress)  # (time, step) of the last line
 
@@ -149,9 +154,22 @@ class Driver:
             self.transport.send(peer, data, kind)
 
     # -- transport callbacks
+    def admitted(self, peer: str, token: bytes | None) -> bool:
+        if self.admit is None or peer == self.algo.peer_id:
+            return True
+        if (peer, token) not in self.verdicts:
+            if len(self.verdicts) > MAX_BUFFERED:
+                self.verdicts.clear()
+            self.verdicts[peer, token] = self.admit(peer, token)
+        return self.verdicts[peer, token]
+
     async def on_frame(self, sender: str, data: bytes) -> str:
         if not data:
             return "hello"
+        m = self.members.get(sender)
+        if not self.admitted(sender, None if m is None else m.token):
+            self.rejects["not_admitted"] += 1
+            return "rejected"
         try:
             msg = wire.decode(data, swarm=self.plan.swarm, ctx=self.ctx)
             if getattr(msg, "peer", sender) != sender:  # e.g. an SPSA record for another
@@ -183,6 +201,7 @@ class Driver:
         self.algo.on_message(sender, msg, now)
 
     async def on_members(self, members: dict[str, Member]) -> None:
+        members = {p: m for p, m in members.items() if self.admitted(p, m.token)}
         self.members = members
         now = self.now()
         self.heard = {p: t for p, t in self.heard.items() if now - t < self.plan.peer_ttl}
@@ -251,10 +270,13 @@ class Driver:
     # -- start: meet the swarm, catch up with it
     async def join(self) -> bool:
         p = self.plan
-        self.say(f"waiting for {p.min_peers} peer(s) in swarm {p.swarm!r}")
+        # A node given peers to join waits to see one of them (its first DHT reads may
+        # not reach the swarm yet); one that starts a swarm waits for min_peers.
+        need = max(p.min_peers, 2 if p.joining else 1)
+        self.say(f"waiting for {need} peer(s) in swarm {p.swarm!r}")
         running = lambda: any(A.needs_sync(self.algo, self.poll.progress, m.progress)
                               for m in self.members.values())
-        ok = await self.wait_until(lambda: len(self.members) >= p.min_peers or running(),
+        ok = await self.wait_until(lambda: len(self.members) >= need or running(),
                                    abort_on_stop=True, timeout=p.start_timeout)
         if not ok:
             return False

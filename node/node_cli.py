@@ -25,6 +25,7 @@ import dataclasses
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -94,25 +95,37 @@ def load_configs(args: argparse.Namespace) -> tuple[NodeConfig, ModelConfig, Dat
     return node, model, data, algo
 
 
+@dataclasses.dataclass
+class Public:
+    """What a public swarm adds to a node (node/swarm_cli.py): the signed manifest it keeps
+    published, our admission token, and who may contribute."""
+
+    manifest_key: str
+    manifest: bytes
+    token: bytes | None
+    admit: Callable[[str, bytes | None], bool]
+
+
 def say(text: str) -> None:
     print(f"byteswarm node: {text}", flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
     node, mcfg, dcfg, acfg = load_configs(args)
-    out = Path(args.out)
+    return launch(node, Path(args.out), lambda dht: (node, mcfg, dcfg, acfg, None),
+                  fresh=args.fresh, quiet=args.quiet)
+
+
+Configure = Callable[[Any], tuple[NodeConfig, ModelConfig, DataConfig, Any, "Public | None"]]
+
+
+def launch(node: NodeConfig, out: Path, configure: Configure, *, fresh: bool,
+           quiet: bool) -> int:
+    """Start the DHT and p2pd, train, tear both down. ``configure(dht)`` returns the run's
+    settings; a public swarm reads them from its manifest through the DHT just started
+    (``node`` until then only says how to start it)."""
     out.mkdir(parents=True, exist_ok=True)
     key_path, peer_id = ensure_identity(node.identity or out / "identity.key")
-    configs = {"swarm": node.swarm, "algo": node.algo, "seed": node.seed,
-               "model": C.to_dict(mcfg.resolved()), "data": C.to_dict(dcfg),
-               node.algo: C.to_dict(acfg)}
-    ckpt_path = out / "checkpoint.pt"
-    ckpt = None
-    if ckpt_path.exists() and not args.fresh:
-        ckpt = load_checkpoint(ckpt_path)
-        if ckpt.get("configs") != configs or ckpt.get("peer_id") != peer_id:
-            raise C.ConfigError(f"{out} holds a run with another configuration or identity; "
-                                "use another --out, or --fresh to start over")
     if node.threads:
         torch.set_num_threads(node.threads)
 
@@ -126,18 +139,29 @@ def run(args: argparse.Namespace) -> int:
     try:
         if pending:
             return 128 + pending[0]
+        node, mcfg, dcfg, acfg, public = configure(dht)
+        configs = {"swarm": node.swarm, "algo": node.algo, "seed": node.seed,
+                   "model": C.to_dict(mcfg.resolved()), "data": C.to_dict(dcfg),
+                   node.algo: C.to_dict(acfg)}
+        ckpt_path = out / "checkpoint.pt"
+        ckpt = None
+        if ckpt_path.exists() and not fresh:
+            ckpt = load_checkpoint(ckpt_path)
+            if ckpt.get("configs") != configs or ckpt.get("peer_id") != peer_id:
+                raise C.ConfigError(f"{out} holds a run with another configuration or "
+                                    "identity; use another --out, or --fresh to start over")
         for maddr in dht.get_visible_maddrs():
             say(f"listening on {maddr}")
         say(f"peer id {peer_id}")
         return asyncio.run(serve(node, mcfg, dcfg, acfg, dht, peer_id, out, configs, ckpt,
-                                 pending, quiet=args.quiet))
+                                 pending, quiet=quiet, public=public))
     finally:
         stop_dht(dht)
 
 
 async def serve(node: NodeConfig, mcfg: ModelConfig, dcfg: DataConfig, acfg: Any, dht: Any,
                 peer_id: str, out: Path, configs: dict, ckpt: dict | None,
-                pending: list[int], *, quiet: bool) -> int:
+                pending: list[int], *, quiet: bool, public: Public | None = None) -> int:
     loop = asyncio.get_running_loop()
     w = await loop.run_in_executor(None, load_workload, mcfg, dcfg, node.seed)
     shard = node.shard if node.shard >= 0 else A.shard_index(peer_id, node.num_shards)
@@ -153,7 +177,7 @@ async def serve(node: NodeConfig, mcfg: ModelConfig, dcfg: DataConfig, acfg: Any
                 checkpoint_every=node.checkpoint_every, peer_ttl=node.peer_ttl,
                 sync=node.sync, linger=node.linger,
                 announce_wait=2 * node.heartbeat_period,
-                withhold_record=node.withhold_record)
+                withhold_record=node.withhold_record, joining=bool(node.initial_peers))
     start = A.progress(algo)
     log = MetricsLog(out / "metrics.jsonl", resume_step=start if ckpt is not None else None)
 
@@ -170,6 +194,11 @@ async def serve(node: NodeConfig, mcfg: ModelConfig, dcfg: DataConfig, acfg: Any
                    peer_ttl=node.peer_ttl, on_frame=driver.on_frame,
                    on_members=driver.on_members, progress=lambda: driver.poll.progress,
                    marks=driver.recent_marks)
+    if public is not None:
+        tr.publish[public.manifest_key] = public.manifest  # so it outlives its creator
+        if public.token is not None:
+            tr.beat_extra["token"] = public.token
+        driver.admit = public.admit
     tr.add_service("state", driver.serve_state, len(STATE_REQUEST))
     tr.add_service("snap", driver.serve_snap, statesync.REQUEST_LIMIT)
     if ckpt is not None:
@@ -199,7 +228,7 @@ async def serve(node: NodeConfig, mcfg: ModelConfig, dcfg: DataConfig, acfg: Any
         say(f"stopped by signal at step {driver.poll.progress}; checkpoint in {out}")
         return 128 + signal.SIGTERM
     if why == "no_peers":
-        say(f"fewer than {node.min_peers} peers after {node.start_timeout:.0f} s; giving up")
+        say(f"too few peers after {node.start_timeout:.0f} s; giving up")
         return 1
     val = summary["final_val_loss"]
     say(f"done: step {driver.poll.progress}, validation loss "

@@ -30,7 +30,8 @@ class NodeConfig:
     steps: int = opt(0, "train until the swarm position reaches this step (0: until "
                      "stopped by SIGINT or SIGTERM)", lo=0)
     min_peers: int = opt(1, "before the first step, wait until this many peers (self "
-                         "included) are in a new swarm", lo=1, hi=100_000)
+                         "included) are in a new swarm; a node given --initial-peers also "
+                         "waits to see at least one other", lo=1, hi=100_000)
     start_timeout: float = opt(300.0, "give up if min_peers are not there after this many "
                                "seconds", lo=0.0, lo_open=True)
     eval_every: int = opt(10, "evaluate validation loss every this many steps", lo=1)

@@ -52,6 +52,8 @@ QUEUE_FRAMES = 256  # per peer; beyond this the newest frame is dropped
 DIAL_TIMEOUT = 5.0
 MAX_MEMBERS = 4096  # entries read from the peers key; a flood of fake ones is cut here
 MAX_MARKS = 16  # SPSA marks read from one heartbeat
+MAX_TOKEN = 512  # bytes of an admission token in a heartbeat
+PUBLISH_EVERY = 10  # heartbeats between re-stores of published values
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class Member:
     progress: int  # the peer's own count of steps (see driver.progress)
     client: bool  # in client mode: cannot be dialed
     marks: dict[int, str] = field(default_factory=dict)  # SPSA: final step -> fingerprint
+    token: bytes | None = None  # a public swarm's admission token, as published
 
 
 def parse_members(found: Any, now: float, limit: int = MAX_MEMBERS) -> dict[str, Member]:
@@ -74,7 +77,9 @@ def parse_members(found: Any, now: float, limit: int = MAX_MEMBERS) -> dict[str,
             continue
         progress, client = value.get("progress"), value.get("client")
         if type(progress) is int and progress >= 0 and isinstance(client, bool):
-            out[subkey] = Member(progress, client, parse_marks(value.get("marks")))
+            token = value.get("token")
+            token = token if isinstance(token, bytes) and len(token) <= MAX_TOKEN else None
+            out[subkey] = Member(progress, client, parse_marks(value.get("marks")), token)
     return out
 
 
@@ -121,6 +126,8 @@ class Transport:
         self.progress, self.marks = progress, marks
         self.msg_proto = f"/byteswarm/{swarm}/msg/1"
         self._services: dict[str, tuple[Callable[[bytes], Awaitable[bytes]], int]] = {}
+        self.publish: dict[str, bytes] = {}  # DHT key -> value we keep stored
+        self.beat_extra: dict[str, Any] = {}  # more fields of our heartbeat record
         self.members: dict[str, Member] = {}
         self.p2p: Any = None
         self._writers: dict[str, asyncio.StreamWriter] = {}
@@ -307,6 +314,7 @@ class Transport:
         marks = self.marks()
         if marks:
             value["marks"] = [[t, fp] for t, fp in marks.items()]
+        value.update(self.beat_extra)
         await self.dht.store(self.key, value, get_dht_time() + self.peer_ttl,
                              subkey=self.peer_id, return_future=True)
         found = await self.dht.get(self.key, latest=True, return_future=True)
@@ -320,8 +328,15 @@ class Transport:
         await self.on_members(members)
 
     async def _heartbeats(self) -> None:
+        beats = 0
         while True:
             try:
+                if beats % PUBLISH_EVERY == 0:
+                    for key, value in self.publish.items():
+                        await self.dht.store(key, value, get_dht_time()
+                                             + 3 * PUBLISH_EVERY * self.heartbeat_period
+                                             + self.peer_ttl, return_future=True)
+                beats += 1
                 await self.beat()
             except asyncio.CancelledError:
                 raise

@@ -35,13 +35,16 @@ def group_pids(pgid: int) -> list[int]:
 
 
 class Node:
-    def __init__(self, out: Path, args: list[str]):
+    """``byteswarm node --out OUT FAST… ARGS…``, or ``byteswarm COMMAND… --out OUT ARGS…``."""
+
+    def __init__(self, out: Path, args: list[str], command: list[str] | None = None):
         self.out = out
         out.mkdir(parents=True, exist_ok=True)
         self.log_path = out.parent / f"{out.name}.log"
         self.log = self.log_path.open("ab")
-        self.proc = subprocess.Popen([EXE, "node", "--out", str(out), *FAST, *args],
-                                     stdout=self.log, stderr=subprocess.STDOUT,
+        argv = (["node", "--out", str(out), *FAST, *args] if command is None
+                else [*command, "--out", str(out), *args])
+        self.proc = subprocess.Popen([EXE, *argv], stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
 
     @property
@@ -105,8 +108,8 @@ class Node:
 def launch(tmp_path):
     nodes: list[Node] = []
 
-    def start(name: str, *args: str) -> Node:
-        node = Node(tmp_path / name, list(args))
+    def start(name: str, *args: str, command: list[str] | None = None) -> Node:
+        node = Node(tmp_path / name, list(args), command)
         nodes.append(node)
         return node
 
