@@ -1,0 +1,81 @@
+"""A hostile member in a real swarm: it heartbeats like a peer, so honest nodes expect and
+check its records, and it lies, replays and sends junk. Real processes, real hivemind."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import pytest
+from byteswarm.node.transport import parse_members, write_frame
+from byteswarm.optim.spsa import Record
+from byteswarm.protocols import wire
+from hivemind import DHT
+from hivemind.p2p import PeerID
+from hivemind.utils.timed_storage import get_dht_time
+from test_node import by_step, launch, spsa_config  # noqa: F401  (launch is a fixture)
+
+
+async def hostile_member(maddr: str, swarm: str, seconds: float) -> dict:
+    """Join the DHT, heartbeat as a member, and send every honest peer, for each step it
+    works on: a lying byte (always +127), the same record again, and junk."""
+    dht = DHT(initial_peers=[maddr], start=True, client_mode=False)
+    p2p = await dht.replicate_p2p()
+    me = p2p.peer_id.to_base58()
+    writers, sent = {}, set()
+    stop = time.monotonic() + seconds
+    try:
+        while time.monotonic() < stop:
+            await dht.store(f"{swarm}.peers", {"progress": 0, "client": False},
+                            get_dht_time() + 4, subkey=me, return_future=True)
+            found = await dht.get(f"{swarm}.peers", latest=True, return_future=True)
+            members = {p: m for p, m in parse_members(found, get_dht_time()).items() if p != me}
+            for peer, m in members.items():
+                if peer not in writers:
+                    _, _, writers[peer] = await p2p.call_binary_stream_handler(
+                        PeerID.from_base58(peer), f"/byteswarm/{swarm}/msg/1")
+                for t in range(m.progress - 1, m.progress + 3):
+                    if t < 0 or (peer, t) in sent:
+                        continue
+                    sent.add((peer, t))
+                    lie = wire.encode(Record(t, me, 127), swarm=swarm)
+                    for frame in (lie, lie, b"\xc1junk"):  # a lie, its replay, junk
+                        await write_frame(writers[peer], frame)
+            await asyncio.sleep(0.1)
+        return {"me": me, "records_sent": len(sent)}
+    finally:
+        for w in writers.values():
+            w.close()
+        dht.shutdown()
+
+
+@pytest.mark.slow
+def test_honest_nodes_ban_a_lying_member_and_stay_identical(launch, tmp_path):  # noqa: F811
+    # Shards follow from peer ids (no --shard), so anyone can recompute anyone's record.
+    cfg = spsa_config(tmp_path, step_timeout=1.0, spot_check_rate=0.5)
+    common = ["--config", cfg, "--min-peers", "3", "--steps", "100000", "--eval-every", "50"]
+    a = launch("a", *common)
+    maddr = a.maddr()
+    b = launch("b", *common, "--initial-peers", maddr)
+    got = asyncio.run(hostile_member(maddr, "t", seconds=25.0))
+    a.wait_step(a.step() + 100, timeout=60)  # the honest pair goes on without it
+    for n in (a, b):
+        n.proc.send_signal(signal.SIGTERM)
+    for n in (a, b):
+        assert n.wait(timeout=30) == 128 + signal.SIGTERM
+    assert got["records_sent"] > 0
+    summaries = [n.summary() for n in (a, b)]
+    for s in summaries:
+        assert s["stats"]["spot_failures"] == 1 and s["stats"]["banned"] == 1, s["stats"]
+        rejects = s["rejects"]
+        assert rejects["malformed"] >= 1  # the junk frames
+        assert rejects["banned"] >= 1  # its records after the ban
+        assert rejects.get("duplicate", 0) >= 1  # the replays that came before it
+    rows = [by_step(n) for n in (a, b)]
+    shared = sorted(set(rows[0]) & set(rows[1]))
+    assert len(shared) > 100
+    for s in shared:  # both applied exactly the same records, lies excluded alike
+        assert rows[0][s]["fingerprint"] == rows[1][s]["fingerprint"], s
+    val = [rows[0][s]["val_loss"] for s in shared if "val_loss" in rows[0][s]]
+    assert val[-1] < val[0] - 0.3, val
