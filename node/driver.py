@@ -287,6 +287,10 @@ class Driver:
             donors = sorted((m.progress, peer) for peer, m in self.members.items()
                             if A.needs_sync(self.algo, self.poll.progress, m.progress))
             await self.catch_up([peer for _, peer in reversed(donors)])
+        elif need > 1:
+            # A new swarm: the others see the quorum a heartbeat or two after us. Starting
+            # at once would put us a round ahead of a peer that has not seen it yet.
+            await asyncio.sleep(p.announce_wait)
         await self.go_live()
         return True
 
