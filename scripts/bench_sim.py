@@ -21,9 +21,11 @@ jitter and stragglers count too), N ≤ 256.
 
 ``peer_steps_per_second``: real training (``run_algorithm``, tiny preset), simulated
 peer-steps per wall-clock second for N = 8 and 64, after a warm-up that pays
-torch.compile. ``batched_speedup``: K tiny GPT replicas' forward + backward as one
-``torch.func.vmap`` over stacked parameters against a Python loop (the simulator does not
-batch replicas yet).
+torch.compile. ``batched_speedup``: the same NoLoCo runs (datacenter, H = 5) one by one
+and with ``SimConfig.batched`` (sim/batched.py: all peers' inner steps as one
+``torch.func.vmap`` computation), wall time one-by-one / batched, best of ``--repeats``,
+keyed by N; ``batched_detail`` has the seconds, the widths of the batched computations
+and both runs' final validation loss.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import torch
 from byteswarm.optim.codecs import make_codec
 from byteswarm.optim.data import Corpus, DataConfig
 from byteswarm.optim.diloco import DiLoCoConfig, ReducePart
-from byteswarm.optim.model import ModelConfig, build_model, lm_loss
+from byteswarm.optim.model import ModelConfig
 from byteswarm.optim.noloco import NoLoCoConfig, NoLoCoShare, draw_groups
 from byteswarm.optim.spsa import SPSAConfig
 from byteswarm.optim.workload import Workload
@@ -218,44 +220,36 @@ def peer_steps(ns: list[int], steps: dict[int, int], seed: int) -> dict:
     return out
 
 
-def _best(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
-
-
-def batched_speedup(k: int, repeats: int = 3) -> dict:
-    """Forward + backward of k tiny GPTs (batch 8 × 64 each): ``torch.func.vmap`` of
-    ``grad`` over stacked parameters against a loop of ``.backward()`` calls. Gradients are
-    compared, so the batched version is known to compute the same thing."""
-    from torch.func import functional_call, grad, stack_module_state, vmap
-
-    models = [build_model(ModelConfig(), seed=i) for i in range(k)]
-    x, y = torch.randint(0, 256, (2, k, 8, 64))  # (k, B, T) each
-    params, buffers = stack_module_state(models)  # name -> (k, ...)
-    base = build_model(ModelConfig()).to("meta")
-
-    def loss(p, b, xi, yi):
-        return lm_loss(lambda t: functional_call(base, (p, b), (t,)), xi, yi)
-
-    batched = vmap(grad(loss))
-
-    def loop():
-        for i, m in enumerate(models):
-            m.zero_grad(set_to_none=True)
-            lm_loss(m, x[i], y[i]).backward()
-        return [m.tok.weight.grad for m in models]
-
-    g_loop, g_vmap = loop(), batched(params, buffers, x, y)["tok.weight"]
-    agree = all(torch.allclose(g_vmap[i], g_loop[i], atol=1e-5) for i in range(k))
-    t_loop = _best(loop, repeats)
-    t_vmap = _best(lambda: batched(params, buffers, x, y), repeats)
-    return {"loop_s": round(t_loop, 4), "vmap_s": round(t_vmap, 4),
-            "speedup": round(t_loop / t_vmap, 2), "grads_agree": agree}
+def batched_speedup(ns: list[int], steps: dict[int, int], seed: int,
+                    repeats: int) -> dict:
+    """Wall seconds of one NoLoCo run one by one and batched (otherwise the same run),
+    alternating, best of ``repeats`` each, after a warm-up of both modes."""
+    dcfg = DataConfig(max_bytes=2_000_000)
+    corpus = Corpus.load(dcfg)
+    w = Workload(ModelConfig(), dcfg, corpus, seed, 64, corpus.val_set(32, 64, 2, seed=seed))
+    sc, cfg = load_scenario("datacenter"), NoLoCoConfig(inner_steps=5)
+    warm = SimConfig(scenario="datacenter", peers=2, steps=2, eval_every=2, eval_peers=1)
+    for batched in (False, True):
+        run_algorithm("noloco", cfg, replace(warm, batched=batched), sc, w)
+    out: dict = {}
+    for n in ns:
+        sim = replace(warm, peers=n, steps=steps[n], eval_every=steps[n], seed=seed)
+        best, summary = {False: INF, True: INF}, {}
+        for _ in range(repeats):
+            for batched in (False, True):
+                t = time.perf_counter()
+                res = run_algorithm("noloco", cfg, replace(sim, batched=batched), sc, w)
+                best[batched] = min(best[batched], time.perf_counter() - t)
+                summary[batched] = res.summary
+        bank = summary[True]["batched"]
+        out[str(n)] = {"one_by_one_s": round(best[False], 3), "batched_s": round(best[True], 3),
+                       "speedup": round(best[False] / best[True], 3),
+                       "mean_width": bank["mean_width"], "max_width": bank["max_width"],
+                       "computations": bank["computations"],
+                       "flushes": bank["flushes"],
+                       "final_val_loss": [summary[False]["final_val_loss"],
+                                          summary[True]["final_val_loss"]]}
+    return out
 
 
 def main() -> None:
@@ -268,6 +262,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="N ≤ 256, fewer steps")
     ap.add_argument("--skip-train", action="store_true", help="no peer_steps_per_second")
     ap.add_argument("--skip-batched", action="store_true", help="no batched_speedup")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="batched_speedup: best of this many runs per mode (default: 2)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, help="torch threads for real training "
                     "(default: torch's choice; 1 is steadier on a shared machine)")
@@ -297,10 +293,11 @@ def main() -> None:
         result["peer_steps_per_second"] = peer_steps([8, 64], steps, args.seed)
         result["threads"] = torch.get_num_threads()
     if not args.skip_batched:
-        b = {str(k): batched_speedup(k) for k in (8, 64)}
+        steps = {8: 10, 64: 5} if args.quick else {8: 20, 64: 10}
+        b = batched_speedup([8, 64], steps, args.seed, args.repeats)
         result["batched_speedup"] = {k: v["speedup"] for k, v in b.items()}
         result["batched_detail"] = b
-        result["batched_note"] = "measured only: the simulator trains replicas one by one"
+        result["threads"] = torch.get_num_threads()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     xs = [math.log2(int(n)) for n in ratio]

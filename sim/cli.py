@@ -10,6 +10,12 @@ With --no-train (analytic mode, sim/analytic.py) nothing is trained: the real pr
 objects run on a stand-in workload while the network carries the configured model's
 message sizes, which scales timing studies to thousands of peers.
 
+With --batched, NoLoCo's and DiLoCo's inner steps are deferred and run for all peers as
+one batched computation (sim/batched.py), with the same weights to fp32 rounding; SPSA
+steps one by one either way. Off by default: on 2 CPU cores it is no faster (0.5-1.0x,
+batched_speedup in scripts/bench_sim.py); batching pays where one small replica cannot
+fill the device, an accelerator, which the simulator does not use yet.
+
 Algorithm settings go in a TOML file (--config) as [spsa], [noloco] and [diloco] tables;
 the run itself in [sim], the workload in [model] and [data]. Flags override the file.
 """

@@ -45,6 +45,7 @@ class PeerState:
     algo: Algorithm | None = None
     alive: bool = False
     busy: bool = False
+    step_due: float = 0.0  # when the step in flight (if busy) lands
     steps: int = 0
     busy_seconds: float = 0.0
     present_since: float = 0.0
@@ -99,6 +100,12 @@ class Simulation:
     # -- public
     def alive(self) -> list[str]:
         return sorted(p for p, st in self.peers.items() if st.alive)
+
+    def step_committed(self, peer: str) -> bool:
+        """Whether ``peer`` has a local step in flight that lands before the run stops
+        (unless the peer leaves first): sim/batched.py may compute it early."""
+        st = self.peers[peer]
+        return st.alive and st.busy and st.step_due <= self.max_seconds
 
     def run(self) -> None:
         while True:
@@ -227,8 +234,8 @@ class Simulation:
         if st.slow_left > 0:
             st.slow_left -= 1
             dt *= spec.straggler_factor
-        st.busy = True
-        self._push(self.now + dt, Event("step", peer, dt))
+        st.busy, st.step_due = True, self.now + dt
+        self._push(st.step_due, Event("step", peer, dt))
 
     def _membership_changed(self) -> None:
         members = frozenset(self.alive())

@@ -2,7 +2,8 @@
 
 The driver is thin: the algorithm objects do the work; this module wires them to the
 engine, evaluates validation loss at fixed step counts, and turns the engine's clocks and
-the network's byte counters into the summary numbers.
+the network's byte counters into the summary numbers. With ``batched``, NoLoCo's and
+DiLoCo's inner steps are deferred and run all peers' together (sim/batched.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from byteswarm.optim.config import opt
 from byteswarm.optim.workload import ALGOS, Workload
 from byteswarm.protocols import wire
 
+from .batched import ReplicaBank
 from .engine import Simulation
 from .scenario import Scenario
 
@@ -32,6 +34,9 @@ class SimConfig:
     seed: int = opt(0, "seed for init, data, network and compute draws", lo=0, hi=2**62)
     max_hours: float = opt(1000.0, "stop a run after this much virtual time", lo=0.0,
                            lo_open=True)
+    batched: bool = opt(False, "run NoLoCo's and DiLoCo's inner steps for all peers as one "
+                        "batched computation (sim/batched.py; the same weights up to fp32 "
+                        "rounding); SPSA always steps one by one. Off: on CPU it is no faster")
 
 
 @dataclass
@@ -55,19 +60,31 @@ def run_algorithm(name: str, algo_cfg: Any, sim: SimConfig, scenario: Scenario, 
     result = RunResult(name)
     swarm = getattr(algo_cfg, "swarm", "sim")
 
+    bank = None
+    if sim.batched:  # slot k is peer ids[k]; losses arrive when computed (sim/batched.py)
+        def on_loss(k: int, loss: float) -> None:
+            engine.peers[ids[k]].step_losses.append(loss)
+
+        bank = ReplicaBank(len(ids), committed=lambda k: engine.step_committed(ids[k]),
+                           on_loss=on_loss)
+
     def make(spec):
-        return entry.make(algo_cfg, spec.id, by_id[spec.id], len(ids), ids, w)
+        algo = entry.make(algo_cfg, spec.id, by_id[spec.id], len(ids), ids, w)
+        if bank is not None:
+            bank.adopt(by_id[spec.id], algo)  # False (one by one) for SPSA
+        return algo
 
     def on_step(engine: Simulation, peer: str, info: dict) -> None:
         st = engine.peers[peer]
         if progress is not None:
             progress(1)
         if peer in eval_ids and st.steps % sim.eval_every == 0:
+            val = st.algo.evaluate()  # first: batched, it completes step_losses
             recent = st.step_losses[-sim.eval_every:]
             result.rows.append({"algo": name, "peer": peer, "step": st.steps,
                                 "time": round(engine.now, 6),
                                 "loss": round(statistics.fmean(recent), 6),
-                                "val_loss": round(st.algo.evaluate(), 6)})
+                                "val_loss": round(val, 6)})
 
     engine = Simulation(specs, make, scenario.network(sim.seed), steps=sim.steps, seed=sim.seed,
                         size_of=lambda m: wire_size(m, swarm),
@@ -100,6 +117,7 @@ def run_algorithm(name: str, algo_cfg: Any, sim: SimConfig, scenario: Scenario, 
         "messages_delivered": engine.counts["messages"],
         "joins": engine.counts["joins"], "leaves": engine.counts["leaves"],
         "rejects": _sum_rejects(stats),
+        "batched": bank.stats() if bank is not None and bank.counts["adopted"] else None,
     }
     if name == "spsa":
         result.summary["replicas_identical"] = len({st.algo.fingerprint() for st in alive
