@@ -50,7 +50,7 @@ from byteswarm.protocols import tensors, wire
 from torch import nn
 
 from .engine import Event, Simulation
-from .runner import RunResult, SimConfig
+from .runner import RunResult, SimConfig, wire_size
 from .scenario import Scenario
 
 PACKET = 1500  # bytes: the default fast-path limit, one Ethernet frame
@@ -153,7 +153,7 @@ class MessageSizer:
         elif isinstance(msg, (ReducePart, GatherPart)):
             blobs = (msg.data,)
         else:
-            return size  # SPSA records (and anything else) travel as they are
+            return wire_size(msg, self.swarm)  # SPSA records: at a real peer id's length
         for c in blobs:
             real = blob_bytes(c, self.real_numel(msg, c), self.topk_fraction)
             size += _bin(real) - _bin(blob_bytes(c, c.numel, self.topk_fraction))

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from byteswarm.optim.config import opt
+from byteswarm.optim.spsa import Record
 from byteswarm.optim.workload import ALGOS, Workload
 from byteswarm.protocols import wire
 
@@ -46,7 +47,14 @@ class RunResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
+PEER_ID_CHARS = 52  # a node's libp2p peer id (12D3KooW…), which every SPSA record carries
+
+
 def wire_size(msg: Any, swarm: str) -> int:
+    """Encoded bytes of ``msg`` as a node would send it: the simulator's short peer ids
+    (p0000) are charged at a real peer id's length, which is most of an SPSA record."""
+    if isinstance(msg, Record):
+        msg = Record(msg.step, msg.peer.ljust(PEER_ID_CHARS, "0"), msg.q)
     return len(wire.encode(msg, swarm=swarm))
 
 
