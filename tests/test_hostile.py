@@ -4,6 +4,7 @@ check its records, and it lies, replays and sends junk. Real processes, real hiv
 from __future__ import annotations
 
 import asyncio
+import math
 import signal
 import time
 
@@ -79,3 +80,74 @@ def test_honest_nodes_ban_a_lying_member_and_stay_identical(launch, tmp_path):  
         assert rows[0][s]["fingerprint"] == rows[1][s]["fingerprint"], s
     val = [rows[0][s]["val_loss"] for s in shared if "val_loss" in rows[0][s]]
     assert val[-1] < val[0] - 0.3, val
+
+
+async def hostile_noloco(maddr: str, swarm: str, seconds: float, inner_steps: int) -> int:
+    """A NoLoCo member whose shares hold NaNs or an update 1000× too large."""
+    import torch
+    from byteswarm.optim.codecs import make_codec
+    from byteswarm.optim.inner import flatten
+    from byteswarm.optim.model import ModelConfig, build_model
+    from byteswarm.optim.noloco import NoLoCoShare, group_of
+
+    codec = make_codec("none")
+    phi = flatten(build_model(ModelConfig(), seed=0))  # the swarm's starting weights
+    g = torch.Generator().manual_seed(0)
+    poison = [codec.compress(torch.full_like(phi, float("nan"))),
+              codec.compress(1000 * torch.randn(phi.numel(), generator=g))]
+    dht = DHT(initial_peers=[maddr], start=True, client_mode=False)
+    p2p = await dht.replicate_p2p()
+    me = p2p.peer_id.to_base58()
+    writers, sent = {}, set()
+    stop = time.monotonic() + seconds
+    try:
+        while time.monotonic() < stop:
+            await dht.store(f"{swarm}.peers", {"progress": 0, "client": False},
+                            get_dht_time() + 4, subkey=me, return_future=True)
+            found = await dht.get(f"{swarm}.peers", latest=True, return_future=True)
+            members = {p: m for p, m in parse_members(found, get_dht_time()).items() if p != me}
+            for peer, m in members.items():
+                if peer not in writers:
+                    _, _, writers[peer] = await p2p.call_binary_stream_handler(
+                        PeerID.from_base58(peer), f"/byteswarm/{swarm}/msg/1")
+                everyone = set(members) | {me}
+                for r in (m.progress // inner_steps, m.progress // inner_steps + 1):
+                    # Only to the peer it is paired with (the draw is public), which
+                    # waits for it: NaNs and huge updates by turns.
+                    if (peer, r) in sent or peer not in group_of(me, r, everyone, 0, 2):
+                        continue
+                    turn = sum(1 for p, _ in sent if p == peer)
+                    sent.add((peer, r))
+                    share = NoLoCoShare(r, codec.compress(phi), poison[turn % 2])
+                    await write_frame(writers[peer], wire.encode(share, swarm=swarm))
+            await asyncio.sleep(0.1)
+        return len(sent)
+    finally:
+        for w in writers.values():
+            w.close()
+        dht.shutdown()
+
+
+@pytest.mark.slow
+def test_noloco_nodes_drop_nan_and_poisoned_shares_and_learn(launch, tmp_path):  # noqa: F811
+    cfg = tmp_path / "noloco.toml"
+    cfg.write_text("[node]\nalgo = 'noloco'\nmin_peers = 3\n"
+                   "[noloco]\ninner_steps = 5\nwarmup = 5\nround_timeout = 3.0\n")
+    common = ["--config", str(cfg), "--steps", "100000", "--eval-every", "10"]
+    a = launch("a", *common)
+    maddr = a.maddr()
+    b = launch("b", *common, "--initial-peers", maddr)
+    sent = asyncio.run(hostile_noloco(maddr, "t", seconds=30.0, inner_steps=5))
+    for n in (a, b):
+        n.proc.send_signal(signal.SIGTERM)
+    for n in (a, b):
+        assert n.wait(timeout=30) == 128 + signal.SIGTERM
+    assert sent >= 4
+    rejects = [n.summary()["rejects"] for n in (a, b)]
+    # NaNs never get past the decoder; a huge update is refused by the outer step's check.
+    assert sum(r.get("non_finite", 0) for r in rejects) >= 1, rejects
+    assert sum(r.get("norm_too_large", 0) for r in rejects) >= 1, rejects
+    for n in (a, b):
+        rows = [r for r in n.rows() if "val_loss" in r]
+        assert all(math.isfinite(r["val_loss"]) for r in rows)
+        assert rows[-1]["val_loss"] < rows[0]["val_loss"] - 0.3, [r["val_loss"] for r in rows]
