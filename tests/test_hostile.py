@@ -59,7 +59,7 @@ def test_honest_nodes_ban_a_lying_member_and_stay_identical(launch, tmp_path):  
     a = launch("a", *common)
     maddr = a.maddr()
     b = launch("b", *common, "--initial-peers", maddr)
-    got = asyncio.run(hostile_member(maddr, "t", seconds=25.0))
+    got = asyncio.run(hostile_member(maddr, "t", seconds=12.0))
     a.wait_step(a.step() + 100, timeout=60)  # the honest pair goes on without it
     for n in (a, b):
         n.proc.send_signal(signal.SIGTERM)
@@ -137,7 +137,7 @@ def test_noloco_nodes_drop_nan_and_poisoned_shares_and_learn(launch, tmp_path): 
     a = launch("a", *common)
     maddr = a.maddr()
     b = launch("b", *common, "--initial-peers", maddr)
-    sent = asyncio.run(hostile_noloco(maddr, "t", seconds=30.0, inner_steps=5))
+    sent = asyncio.run(hostile_noloco(maddr, "t", seconds=18.0, inner_steps=5))
     for n in (a, b):
         n.proc.send_signal(signal.SIGTERM)
     for n in (a, b):
