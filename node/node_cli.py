@@ -68,15 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def load_configs(args: argparse.Namespace) -> tuple[NodeConfig, ModelConfig, DataConfig, Any]:
-    file = C.load_toml(args.config) if args.config else {}
-    known = set(SECTIONS) | set(ALGOS)
-    unknown = sorted(set(file) - known)
-    if unknown:
-        raise C.ConfigError(f"{args.config}: unknown table [{unknown[0]}] "
-                            f"(known: {', '.join(sorted(known))})")
-    for name in known:
-        if name in file and not isinstance(file[name], dict):
-            raise C.ConfigError(f"{args.config}: {name} must be a table")
+    file = C.load_tables(args.config, sorted(set(SECTIONS) | set(ALGOS)))
     for name in LISTS:
         if isinstance(getattr(args, name, None), list):
             setattr(args, name, " ".join(getattr(args, name)))

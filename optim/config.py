@@ -134,6 +134,18 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{p}: not valid TOML ({e})") from None
 
 
+def load_tables(path: str | Path | None, known: list[str]) -> dict[str, dict[str, Any]]:
+    """A config file whose top level holds only the tables in ``known`` ({} if no path)."""
+    file = load_toml(path) if path else {}
+    unknown = sorted(set(file) - set(known))
+    if unknown:
+        raise ConfigError(f"{path}: unknown table [{unknown[0]}] (known: {', '.join(known)})")
+    for name, value in file.items():
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: {name} must be a table")
+    return file
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 

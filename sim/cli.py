@@ -60,12 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def load_configs(args: argparse.Namespace):
-    file = C.load_toml(args.config) if args.config else {}
-    known = set(SECTIONS) | set(ALGOS)
-    unknown = sorted(set(file) - known)
-    if unknown:
-        raise C.ConfigError(f"{args.config}: unknown table [{unknown[0]}] "
-                            f"(known: {', '.join(sorted(known))})")
+    file = C.load_tables(args.config, sorted(set(SECTIONS) | set(ALGOS)))
     sim, model, data = (C.resolve(cls, args, file.get(name), where=name)
                         for name, cls in SECTIONS.items())
     algos = [a.strip() for a in sim.algo.split(",") if a.strip()]

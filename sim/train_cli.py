@@ -48,14 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def load_configs(args: argparse.Namespace) -> tuple[ModelConfig, DataConfig, TrainConfig]:
-    file = C.load_toml(args.config) if args.config else {}
-    unknown = sorted(set(file) - set(SECTIONS))
-    if unknown:
-        raise C.ConfigError(f"{args.config}: unknown table [{unknown[0]}] "
-                            f"(known: {', '.join(SECTIONS)})")
-    for name in SECTIONS:
-        if name in file and not isinstance(file[name], dict):
-            raise C.ConfigError(f"{args.config}: {name} must be a table")
+    file = C.load_tables(args.config, list(SECTIONS))
     return tuple(C.resolve(cls, args, file.get(name), where=name)  # type: ignore[return-value]
                  for name, cls in SECTIONS.items())
 

@@ -18,13 +18,14 @@ from hivemind.utils.timed_storage import get_dht_time
 from test_node import by_step, launch, spsa_config  # noqa: F401  (launch is a fixture)
 
 
-async def hostile_member(maddr: str, swarm: str, seconds: float) -> dict:
-    """Join the DHT, heartbeat as a member, and send every honest peer, for each step it
-    works on: a lying byte (always +127), the same record again, and junk."""
+async def as_member(maddr: str, swarm: str, seconds: float, act) -> int:
+    """Join the swarm's DHT and heartbeat as a member for ``seconds``; ten times a second
+    call ``act(me, peer, member, everyone)`` for each other member, which returns the
+    frames to send that peer. Returns how many frames were sent."""
     dht = DHT(initial_peers=[maddr], start=True, client_mode=False)
     p2p = await dht.replicate_p2p()
     me = p2p.peer_id.to_base58()
-    writers, sent = {}, set()
+    writers, frames = {}, 0
     stop = time.monotonic() + seconds
     try:
         while time.monotonic() < stop:
@@ -36,19 +37,30 @@ async def hostile_member(maddr: str, swarm: str, seconds: float) -> dict:
                 if peer not in writers:
                     _, _, writers[peer] = await p2p.call_binary_stream_handler(
                         PeerID.from_base58(peer), f"/byteswarm/{swarm}/msg/1")
-                for t in range(m.progress - 1, m.progress + 3):
-                    if t < 0 or (peer, t) in sent:
-                        continue
-                    sent.add((peer, t))
-                    lie = wire.encode(Record(t, me, 127), swarm=swarm)
-                    for frame in (lie, lie, b"\xc1junk"):  # a lie, its replay, junk
-                        await write_frame(writers[peer], frame)
+                for frame in act(me, peer, m, set(members) | {me}):
+                    await write_frame(writers[peer], frame)
+                    frames += 1
             await asyncio.sleep(0.1)
-        return {"me": me, "records_sent": len(sent)}
+        return frames
     finally:
         for w in writers.values():
             w.close()
         dht.shutdown()
+
+
+def hostile_member(maddr: str, swarm: str, seconds: float) -> int:
+    """For each step an honest peer works on: a lying byte (always +127), the same record
+    again, and junk."""
+    sent = set()
+
+    def act(me, peer, m, everyone):
+        for t in range(max(0, m.progress - 1), m.progress + 3):
+            if (peer, t) not in sent:
+                sent.add((peer, t))
+                lie = wire.encode(Record(t, me, 127), swarm=swarm)
+                yield from (lie, lie, b"\xc1junk")  # a lie, its replay, junk
+
+    return asyncio.run(as_member(maddr, swarm, seconds, act))
 
 
 @pytest.mark.slow
@@ -59,13 +71,13 @@ def test_honest_nodes_ban_a_lying_member_and_stay_identical(launch, tmp_path):  
     a = launch("a", *common)
     maddr = a.maddr()
     b = launch("b", *common, "--initial-peers", maddr)
-    got = asyncio.run(hostile_member(maddr, "t", seconds=12.0))
+    frames = hostile_member(maddr, "t", seconds=12.0)
     a.wait_step(a.step() + 100, timeout=60)  # the honest pair goes on without it
     for n in (a, b):
         n.proc.send_signal(signal.SIGTERM)
     for n in (a, b):
         assert n.wait(timeout=30) == 128 + signal.SIGTERM
-    assert got["records_sent"] > 0
+    assert frames > 0
     summaries = [n.summary() for n in (a, b)]
     for s in summaries:
         assert s["stats"]["spot_failures"] == 1 and s["stats"]["banned"] == 1, s["stats"]
@@ -82,8 +94,9 @@ def test_honest_nodes_ban_a_lying_member_and_stay_identical(launch, tmp_path):  
     assert val[-1] < val[0] - 0.3, val
 
 
-async def hostile_noloco(maddr: str, swarm: str, seconds: float, inner_steps: int) -> int:
-    """A NoLoCo member whose shares hold NaNs or an update 1000× too large."""
+def hostile_noloco(maddr: str, swarm: str, seconds: float, inner_steps: int) -> int:
+    """Shares with NaNs or an update 1000× too large, by turns, to the peer it is paired
+    with (the draw is public), which waits for it."""
     import torch
     from byteswarm.optim.codecs import make_codec
     from byteswarm.optim.inner import flatten
@@ -95,37 +108,17 @@ async def hostile_noloco(maddr: str, swarm: str, seconds: float, inner_steps: in
     g = torch.Generator().manual_seed(0)
     poison = [codec.compress(torch.full_like(phi, float("nan"))),
               codec.compress(1000 * torch.randn(phi.numel(), generator=g))]
-    dht = DHT(initial_peers=[maddr], start=True, client_mode=False)
-    p2p = await dht.replicate_p2p()
-    me = p2p.peer_id.to_base58()
-    writers, sent = {}, set()
-    stop = time.monotonic() + seconds
-    try:
-        while time.monotonic() < stop:
-            await dht.store(f"{swarm}.peers", {"progress": 0, "client": False},
-                            get_dht_time() + 4, subkey=me, return_future=True)
-            found = await dht.get(f"{swarm}.peers", latest=True, return_future=True)
-            members = {p: m for p, m in parse_members(found, get_dht_time()).items() if p != me}
-            for peer, m in members.items():
-                if peer not in writers:
-                    _, _, writers[peer] = await p2p.call_binary_stream_handler(
-                        PeerID.from_base58(peer), f"/byteswarm/{swarm}/msg/1")
-                everyone = set(members) | {me}
-                for r in (m.progress // inner_steps, m.progress // inner_steps + 1):
-                    # Only to the peer it is paired with (the draw is public), which
-                    # waits for it: NaNs and huge updates by turns.
-                    if (peer, r) in sent or peer not in group_of(me, r, everyone, 0, 2):
-                        continue
-                    turn = sum(1 for p, _ in sent if p == peer)
-                    sent.add((peer, r))
-                    share = NoLoCoShare(r, codec.compress(phi), poison[turn % 2])
-                    await write_frame(writers[peer], wire.encode(share, swarm=swarm))
-            await asyncio.sleep(0.1)
-        return len(sent)
-    finally:
-        for w in writers.values():
-            w.close()
-        dht.shutdown()
+    sent = set()
+
+    def act(me, peer, m, everyone):
+        for r in (m.progress // inner_steps, m.progress // inner_steps + 1):
+            if (peer, r) not in sent and peer in group_of(me, r, everyone, 0, 2):
+                turn = sum(1 for p, _ in sent if p == peer)
+                sent.add((peer, r))
+                share = NoLoCoShare(r, codec.compress(phi), poison[turn % 2])
+                yield wire.encode(share, swarm=swarm)
+
+    return asyncio.run(as_member(maddr, swarm, seconds, act))
 
 
 @pytest.mark.slow
@@ -137,7 +130,7 @@ def test_noloco_nodes_drop_nan_and_poisoned_shares_and_learn(launch, tmp_path): 
     a = launch("a", *common)
     maddr = a.maddr()
     b = launch("b", *common, "--initial-peers", maddr)
-    sent = asyncio.run(hostile_noloco(maddr, "t", seconds=18.0, inner_steps=5))
+    sent = hostile_noloco(maddr, "t", seconds=18.0, inner_steps=5)
     for n in (a, b):
         n.proc.send_signal(signal.SIGTERM)
     for n in (a, b):
