@@ -47,6 +47,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+import base58
 import msgpack
 from byteswarm.optim.sansio import Rejected
 from cryptography.exceptions import InvalidSignature
@@ -104,38 +105,15 @@ def check_key(value: Any, name: str) -> bytes:
 
 # --- libp2p peer ids -------------------------------------------------------------------------
 
-B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
-_B58_INDEX = {c: i for i, c in enumerate(B58)}
 PEER_ID_PREFIX = bytes([0x00, 0x24, 0x08, 0x01, 0x12, 0x20])  # see the module docstring
 MAX_PEER_ID = 64  # characters; an Ed25519 peer id has 52
-
-
-def _b58encode(data: bytes) -> str:
-    n = int.from_bytes(data, "big")
-    out = []
-    while n:
-        n, r = divmod(n, 58)
-        out.append(B58[r])
-    zeros = len(data) - len(data.lstrip(b"\0"))
-    return "1" * zeros + "".join(reversed(out))
-
-
-def _b58decode(text: str) -> bytes:
-    n = 0
-    for c in text:
-        digit = _B58_INDEX.get(c)
-        if digit is None:
-            raise Rejected("bad_peer_id", f"{c!r} is not a base58 character")
-        n = n * 58 + digit
-    zeros = len(text) - len(text.lstrip("1"))
-    return b"\0" * zeros + (n.to_bytes((n.bit_length() + 7) // 8, "big") if n else b"")
 
 
 def peer_id_of_key(public_key: bytes) -> str:
     """The libp2p peer id (``12D3KooW…``) of a raw Ed25519 public key."""
     if len(public_key) != KEY_BYTES:
         raise ValueError(f"an Ed25519 public key has {KEY_BYTES} bytes, not {len(public_key)}")
-    return _b58encode(PEER_ID_PREFIX + public_key)
+    return base58.b58encode(PEER_ID_PREFIX + public_key).decode()
 
 
 def public_key_of_peer(peer_id: str) -> bytes:
@@ -143,7 +121,10 @@ def public_key_of_peer(peer_id: str) -> bytes:
     (not base58, or not an identity-multihashed Ed25519 key: e.g. an RSA peer id)."""
     if not isinstance(peer_id, str) or not 0 < len(peer_id) <= MAX_PEER_ID:
         raise Rejected("bad_peer_id", repr(peer_id)[:80])  # bounded before the big-int math
-    raw = _b58decode(peer_id)
+    try:
+        raw = base58.b58decode(peer_id)
+    except ValueError:  # a character outside the base58 alphabet
+        raise Rejected("bad_peer_id", f"{peer_id[:60]} is not base58") from None
     if len(raw) != len(PEER_ID_PREFIX) + KEY_BYTES or not raw.startswith(PEER_ID_PREFIX):
         raise Rejected("bad_peer_id", f"{peer_id[:60]} is not an Ed25519 peer id")
     return raw[len(PEER_ID_PREFIX):]
