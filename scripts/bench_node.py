@@ -80,11 +80,8 @@ import argparse
 import dataclasses
 import json
 import os
-import re
-import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -102,7 +99,9 @@ from byteswarm.sim.analytic import model_numels, run_analytic
 from byteswarm.sim.runner import SimConfig, run_algorithm
 from byteswarm.sim.scenario import load_scenario
 
-EXE = shutil.which("byteswarm") or str(Path(sys.executable).with_name("byteswarm"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or loaded by path
+from node_procs import Node, WireWindow, group_cpu_seconds, last_step  # noqa: E402
+
 SWARM = "sim"  # the simulator's swarm name for NoLoCo/DiLoCo: same envelope bytes
 HEADER = 8  # node/transport.py: a frame's big-endian length
 PEER_ID_CHARS = 52  # a libp2p id of an Ed25519 key, base58: 12D3KooW + 44
@@ -208,57 +207,6 @@ class _LongIds:
 
 # --- real node processes ----------------------------------------------------------------
 
-class Node:
-    """One ``byteswarm node`` process in its own process group; output to OUT.log."""
-
-    def __init__(self, out: Path, args: list[str]):
-        self.out = out
-        shutil.rmtree(out, ignore_errors=True)  # a kept folder's old run must not resume
-        out.mkdir(parents=True)
-        self.log_path = out.parent / f"{out.name}.log"
-        self.log = self.log_path.open("wb")
-        self.proc = subprocess.Popen([EXE, "node", "--out", str(out), *COMMON, *args],
-                                     stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-
-    def text(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_for(self, text: str, timeout: float) -> str:
-        """The first line of the node's output that contains ``text``."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in self.text().splitlines():
-                if text in line:
-                    return line
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        raise RuntimeError(f"no {text.strip()!r} line from {self.out}:\n"
-                           f"{self.text()[-2000:]}")
-
-    def maddr(self, timeout: float) -> str:
-        return self.wait_for("listening on ", timeout).split("listening on ")[1].strip()
-
-    def summary(self) -> dict[str, Any]:
-        return json.loads((self.out / "summary.json").read_text())
-
-    def rows(self) -> list[dict[str, Any]]:
-        return [json.loads(ln) for ln in (self.out / "metrics.jsonl").read_text().splitlines()
-                if ln.strip()]
-
-    def kill_group(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # the DHT process and p2pd too
-        except ProcessLookupError:
-            pass
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
-        self.log.close()
-
-
 def run_swarm(folder: Path, algo: str, cfg: Any, n: int, steps: int, timeout: float,
               extra: tuple[str, ...] = (), window: tuple[int, int] | None = None
               ) -> tuple[list[Node], float, list[WireWindow]]:
@@ -273,13 +221,13 @@ def run_swarm(folder: Path, algo: str, cfg: Any, n: int, steps: int, timeout: fl
     nodes: list[Node] = []
     t0 = time.monotonic()
     try:
-        nodes.append(Node(folder / "n0", [*args, "--shard", "0"]))
+        nodes.append(Node(folder / "n0", [*COMMON, *args, "--shard", "0"]))
         maddr = nodes[0].maddr(timeout=60)
         for k in range(1, n):
             if k == n - 1:  # the last completes the quorum once the others are waiting
                 for node in nodes:
                     node.wait_for("waiting for ", timeout=120)
-            nodes.append(Node(folder / f"n{k}", [*args, "--shard", str(k),
+            nodes.append(Node(folder / f"n{k}", [*COMMON, *args, "--shard", str(k),
                                                  "--initial-peers", maddr]))
         windows = [WireWindow(node, *window) for node in nodes] if window else []
         while True:
@@ -299,102 +247,6 @@ def run_swarm(folder: Path, algo: str, cfg: Any, n: int, steps: int, timeout: fl
     finally:
         for node in nodes:
             node.kill_group()
-
-
-# --- below the application layer: what p2pd put on TCP ----------------------------------
-
-def group_stats(pgid: int) -> list[tuple[int, str, list[str]]]:
-    """(pid, command name, the /proc stat fields after it) of each live process of a
-    process group: the node, its DHT process and p2pd."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            name, rest = stat.read_text().split(" (", 1)[1].rsplit(")", 1)
-        except (OSError, ValueError):
-            continue
-        fields = rest.split()
-        if int(fields[2]) == pgid:
-            out.append((int(stat.parent.name), name, fields))
-    return out
-
-
-def group_pids(pgid: int, comm: str) -> list[int]:
-    return [pid for pid, name, _ in group_stats(pgid) if name == comm]
-
-
-def tcp_acked(pids: list[int]) -> dict[str, int] | None:
-    """Bytes acknowledged so far on each TCP connection the processes ``pids`` own, by
-    connection (``ss -tinp``); None if ``ss`` cannot tell."""
-    try:
-        out = subprocess.run(["ss", "-tinpH"], capture_output=True, text=True,
-                             timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    conns: dict[str, int] = {}
-    head = None
-    for line in out.splitlines():
-        if not line[:1].isspace():  # a socket; its details follow on an indented line
-            head = line
-            continue
-        acked = re.search(r"bytes_acked:(\d+)", line)
-        if head and acked and {int(p) for p in re.findall(r"pid=(\d+)", head)} & set(pids):
-            conns[" ".join(head.split()[3:5])] = int(acked.group(1))
-        head = None
-    return conns if out else None
-
-
-def last_step(path: Path) -> int:
-    """The step of the last complete metrics row (0 if none yet)."""
-    try:
-        with path.open("rb") as fh:
-            fh.seek(max(0, fh.seek(0, os.SEEK_END) - 4096))
-            lines = fh.read().split(b"\n")
-        return json.loads(lines[-2])["step"] if len(lines) > 1 else 0
-    except (OSError, ValueError, KeyError):
-        return 0
-
-
-class WireWindow:
-    """TCP bytes a node's p2pd sent from its step ``first`` to its last step ``last``:
-    sampled when the metrics row of ``first`` appears and 0.3 s after that of ``last``
-    (the node lingers 1 s, so its last frames have left by then). Everything p2pd sends
-    counts: our frames, the DHT's heartbeat RPCs, libp2p's noise and yamux framing."""
-
-    def __init__(self, node: Node, first: int, last: int):
-        self.node, self.first, self.last = node, first, last
-        self.start: tuple[int, dict[str, int]] | None = None  # (step, bytes by connection)
-        self.seen_last: float | None = None
-        self.tcp: int | None = None  # bytes sent in the window
-        self.steps = 0
-        self.t_start = self.seconds = 0.0
-
-    def _sample(self) -> dict[str, int] | None:
-        return tcp_acked(group_pids(self.node.proc.pid, "p2pd"))
-
-    def poll(self) -> None:
-        if self.tcp is not None or self.node.proc.poll() is not None:
-            return
-        step = last_step(self.node.out / "metrics.jsonl")
-        if self.start is None:
-            if step >= self.first:
-                conns = self._sample()
-                self.start = (step, conns) if conns is not None else (step, {})
-                self.t_start = time.monotonic()
-            return
-        if step >= self.last and self.seen_last is None:
-            self.seen_last = time.monotonic()
-        if self.seen_last is not None and time.monotonic() - self.seen_last >= 0.3:
-            end = self._sample()
-            if end and self.start[1]:
-                self.tcp = sum(v - self.start[1].get(c, 0) for c, v in end.items())
-                self.steps = step - self.start[0]
-                self.seconds = time.monotonic() - self.t_start
-
-    def app_bytes(self) -> int:
-        """The node's own count over the same steps: final total minus the row's at the
-        window's start."""
-        row = next(r for r in self.node.rows() if r["step"] == self.start[0])
-        return self.node.summary()["bytes_sent"] - row["bytes_sent"]
 
 
 # --- bytes per step ---------------------------------------------------------------------
@@ -501,12 +353,6 @@ def bare_loop(cfg: Any, dcfg: DataConfig, steps: int, warmup: int = 10) -> dict[
             "cpu": (time.process_time() - c0) / steps}
 
 
-def group_cpu_seconds(pgid: int) -> float:
-    """User + system CPU seconds of a process group's live processes, all threads."""
-    ticks = sum(int(f[11]) + int(f[12]) for _, _, f in group_stats(pgid))
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
 def run_alone(folder: Path, algo: str, cfg: Any, steps: int, batch: int, timeout: float,
               skip: int = 10) -> dict[str, float]:
     """One node alone: steps per second from its metrics rows, and its process group's
@@ -514,9 +360,10 @@ def run_alone(folder: Path, algo: str, cfg: Any, steps: int, batch: int, timeout
     before its last step."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.toml").write_text(config_toml(algo, cfg))
-    node = Node(folder / "n0", ["--config", str(folder / "config.toml"), "--min-peers", "1",
-                                "--steps", str(steps), "--eval-every", str(steps),
-                                "--shard", "0", "--batch-size", str(batch)])
+    node = Node(folder / "n0", [*COMMON, "--config", str(folder / "config.toml"),
+                                "--min-peers", "1", "--steps", str(steps),
+                                "--eval-every", str(steps), "--shard", "0",
+                                "--batch-size", str(batch)])
     marks: list[tuple[int, float]] = []  # (step, CPU seconds)
     try:
         deadline = time.monotonic() + timeout
