@@ -27,7 +27,9 @@ exactly as a joiner does, keeping the records it holds. Two peers alone cannot t
 split; they only count the disagreement.
 
 Untrusted input. A frame that does not decode, or a message whose ``peer`` field names
-someone other than the authenticated sender, is counted under its reason and dropped.
+someone other than the authenticated sender, is counted under its reason and dropped. With
+signing on (public swarms, node/sealing.py) every frame must also be sealed by the
+sender's key, and the SPSA record logs served to joiners are lists of sealed records.
 """
 
 from __future__ import annotations
@@ -42,15 +44,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from byteswarm.optim.sansio import EVERYONE, Algorithm, Rejected, Send
-from byteswarm.optim.spsa import SPSA, Record
+from byteswarm.optim.spsa import HISTORY_STEPS, SPSA, Record
 from byteswarm.protocols import wire
 
 from . import algos as A
 from . import statesync
+from .sealing import Sealer
 from .transport import Member, Transport
 
 MAX_BUFFERED = 10_000  # messages held while we sync, before the algorithm takes them
 MAX_MARKS = 32  # our own SPSA marks kept for comparison
+SEALED_AHEAD = 64  # steps beyond the swarm's position whose sealed records we keep
 STATE_REQUEST = b"byteswarm-state?"
 
 
@@ -78,6 +82,7 @@ class Plan:
     linger: float
     announce_wait: float  # before a state download: let the others see our heartbeat
     withhold_record: int = -1  # testing: our record of this step goes to one peer only
+    needs_weights: bool = False  # we lack the swarm's initial weights: only a sync will do
     joining: bool = False  # we were given initial peers: wait to see one of them
 
 
@@ -115,6 +120,7 @@ class Driver:
         # part? None: everyone may. Verdicts are cached per (peer, token).
         self.admit: Callable[[str, bytes | None], bool] | None = None
         self.verdicts: dict[tuple[str, bytes | None], bool] = {}
+        self.sealer: Sealer | None = None  # signing on: every frame sealed (sealing.py)
         self.last_wait = 0.0  # seconds the last step waited for its step or round to close
         self.last_said = (self.t0, self.poll.progress)  # (time, step) of the last line
 
@@ -145,7 +151,11 @@ class Driver:
         return res
 
     def _carry(self, send: Send) -> None:
-        data = wire.encode(send.msg, swarm=self.plan.swarm)
+        if self.sealer is not None:
+            data = self.sealer.seal(send.msg)
+            self._keep_sealed(send.msg, data)
+        else:
+            data = wire.encode(send.msg, swarm=self.plan.swarm)
         kind = type(send.msg).__name__
         targets = self.peers if send.to == EVERYONE else {send.to}
         if isinstance(send.msg, Record) and send.msg.step == self.plan.withhold_record:
@@ -171,9 +181,13 @@ class Driver:
             self.rejects["not_admitted"] += 1
             return "rejected"
         try:
-            msg = wire.decode(data, swarm=self.plan.swarm, ctx=self.ctx)
-            if getattr(msg, "peer", sender) != sender:  # e.g. an SPSA record for another
-                raise Rejected("spoofed_peer", f"{sender} sent {msg.peer}'s message")
+            if self.sealer is not None:  # its signer must be the sender
+                msg = self.sealer.open(data, sender)
+                self._keep_sealed(msg, data)
+            else:
+                msg = wire.decode(data, swarm=self.plan.swarm, ctx=self.ctx)
+                if getattr(msg, "peer", sender) != sender:  # e.g. another's SPSA record
+                    raise Rejected("spoofed_peer", f"{sender} sent {msg.peer}'s message")
         except Rejected as e:
             self.rejects[e.reason] += 1
             return "rejected"
@@ -186,6 +200,12 @@ class Driver:
         else:
             await self.deliver(sender, msg)
         return type(msg).__name__
+
+    def _keep_sealed(self, msg: Any, data: bytes) -> None:
+        """Keep a sealed SPSA record for the logs we serve, if its step is near ours."""
+        swarm_at = max((m.progress for m in self.members.values()), default=0)
+        self.sealer.keep(msg, data, self.poll.progress - HISTORY_STEPS,
+                         max(self.poll.progress, swarm_at) + SEALED_AHEAD)
 
     async def deliver(self, sender: str, msg: Any) -> None:
         """A peer that talks to us is live, even before its heartbeat reaches our view of
@@ -219,8 +239,10 @@ class Driver:
 
     def recent_marks(self) -> dict[int, str]:
         """What our heartbeat publishes: the latest few marks (heartbeats of different
-        peers come at different steps, so one mark each would rarely meet)."""
-        return {t: self.marks[t] for t in sorted(self.marks)[-A.MARKS_PUBLISHED:]}
+        peers come at different steps, so one mark each would rarely meet), and those of
+        the snapshots we serve, so that a joiner finds several donors of one snapshot."""
+        steps = sorted(self.marks)[-A.MARKS_PUBLISHED:] + sorted(self.store.blobs)
+        return {t: self.marks[t] for t in sorted(set(steps)) if t in self.marks}
 
     async def serve_state(self, request: bytes) -> bytes:
         """A donor's whole state (``sync_from``)."""
@@ -235,8 +257,8 @@ class Driver:
         if not isinstance(self.algo, SPSA):
             return b""
         if op == "log":
-            return await self.act(lambda: statesync.log_blob(self.algo.closed,
-                                                             self.algo.log_since(step)))
+            blob = statesync.log_blob if self.sealer is None else self.sealer.log_blob
+            return await self.act(lambda: blob(self.algo.closed, self.algo.log_since(step)))
         return await self.act(self.store.answer, op, step, index)
 
     # -- waiting
@@ -268,7 +290,8 @@ class Driver:
         self.kick.set()
 
     # -- start: meet the swarm, catch up with it
-    async def join(self) -> bool:
+    async def join(self) -> str | None:
+        """Meet the swarm and catch up; None, or why we cannot start."""
         p = self.plan
         # A node given peers to join waits to see one of them (its first DHT reads may
         # not reach the swarm yet); one that starts a swarm waits for min_peers.
@@ -279,7 +302,9 @@ class Driver:
         ok = await self.wait_until(lambda: len(self.members) >= need or running(),
                                    abort_on_stop=True, timeout=p.start_timeout)
         if not ok:
-            return False
+            return "signal" if self.signals else "no_peers"
+        if p.needs_weights and not running():
+            return "no_weights"  # nobody is ahead to copy, and we cannot start alone
         if p.sync and running():
             # Peers send to whom their DHT view lists; once they list us, nothing they
             # send after the donor's snapshot can miss us (it waits in self.buffer).
@@ -292,7 +317,7 @@ class Driver:
             # at once would put us a round ahead of a peer that has not seen it yet.
             await asyncio.sleep(p.announce_wait)
         await self.go_live()
-        return True
+        return None
 
     async def catch_up(self, donors: list[str]) -> None:
         """SPSA: a marked snapshot from several of ``donors`` in checked chunks, then the
@@ -302,8 +327,9 @@ class Driver:
             mark = statesync.choose_mark(self.members, self.algo.peer_id, set(donors))
         if mark is not None:
             try:
-                state, served = await statesync.download(self.transport, mark,
-                                                         self.ctx.numel, self.blame)
+                state, served = await statesync.download(
+                    self.transport, mark, self.ctx.numel, self.blame,
+                    statesync.parse_log if self.sealer is None else self.sealer.parse_log)
                 await self.act(A.load_sync_state, self.algo, state)
                 self.say(f"synced from {len(served)} peer(s), snapshot of step {mark[0]} in "
                          f"checked chunks: now at step {self.poll.progress}")
@@ -351,10 +377,12 @@ class Driver:
 
     # -- the loop
     async def run(self) -> str:
-        """Train to the target; returns why it stopped ("done", "signal", "no_peers")."""
+        """Train to the target; returns why it stopped ("done", "signal", "no_peers",
+        "no_weights")."""
         p = self.plan
-        if not await self.join():
-            return "signal" if self.signals else "no_peers"
+        why = await self.join()
+        if why is not None:
+            return why
         target = p.steps or math.inf
         while self.poll.progress < target:
             if self.resync_from:
@@ -438,6 +466,7 @@ class Driver:
                 "sync_seconds_mean": round(idle / (steps / rounds), 4),
                 "rejects": {**dict(self.rejects), **stats.get("rejects", {})},
                 "resyncs": self.resyncs, "donor_blame": dict(self.blame),
+                **({"sealing": self.sealer.stats()} if self.sealer is not None else {}),
                 "transport_events": dict(tr.events),
                 "stats": {k: v for k, v in stats.items() if k != "rejects"},
                 **({"fingerprint": self.algo.fingerprint()}

@@ -34,13 +34,15 @@ from byteswarm.optim import config as C
 from byteswarm.optim.data import DataConfig
 from byteswarm.optim.files import MetricsLog, load_checkpoint, save_checkpoint, save_json
 from byteswarm.optim.model import ModelConfig
-from byteswarm.optim.workload import ALGOS, load_workload
+from byteswarm.optim.workload import ALGOS, load_workload, read_weights
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import algos as A
 from . import statesync
 from .driver import STATE_REQUEST, Driver, Plan
-from .identity import ensure_identity
+from .identity import ensure_identity, load_identity
 from .procs import start_dht, stop_dht
+from .sealing import Sealer
 from .settings import LISTS, NodeConfig, join_lists
 from .transport import Transport
 
@@ -96,6 +98,8 @@ class Public:
     manifest: bytes
     token: bytes | None
     admit: Callable[[str, bytes | None], bool]
+    weights: str | None = None  # the swarm's initial weights file, checked against its hash
+    needs_weights: bool = False  # the swarm has one and we do not: we must sync to start
 
 
 def say(text: str) -> None:
@@ -145,17 +149,23 @@ def launch(node: NodeConfig, out: Path, configure: Configure, *, fresh: bool,
         for maddr in dht.get_visible_maddrs():
             say(f"listening on {maddr}")
         say(f"peer id {peer_id}")
+        key = load_identity(key_path) if node.sign else None
         return asyncio.run(serve(node, mcfg, dcfg, acfg, dht, peer_id, out, configs, ckpt,
-                                 pending, quiet=quiet, public=public))
+                                 pending, quiet=quiet, public=public, key=key))
     finally:
         stop_dht(dht)
 
 
 async def serve(node: NodeConfig, mcfg: ModelConfig, dcfg: DataConfig, acfg: Any, dht: Any,
                 peer_id: str, out: Path, configs: dict, ckpt: dict | None,
-                pending: list[int], *, quiet: bool, public: Public | None = None) -> int:
+                pending: list[int], *, quiet: bool, public: Public | None = None,
+                key: Ed25519PrivateKey | None = None) -> int:
     loop = asyncio.get_running_loop()
-    w = await loop.run_in_executor(None, load_workload, mcfg, dcfg, node.seed)
+    init = None
+    if public is not None and public.weights is not None:
+        init = await loop.run_in_executor(None, read_weights, public.weights, mcfg)
+        say(f"initial weights from {public.weights} (sha256 checked)")
+    w = await loop.run_in_executor(None, load_workload, mcfg, dcfg, node.seed, init)
     shard = node.shard if node.shard >= 0 else A.shard_index(peer_id, node.num_shards)
     algo = A.make_algorithm(node.algo, acfg, peer_id, shard, node.num_shards, w)
     if getattr(acfg, "spot_check_rate", 0) > 0:
@@ -169,7 +179,8 @@ async def serve(node: NodeConfig, mcfg: ModelConfig, dcfg: DataConfig, acfg: Any
                 checkpoint_every=node.checkpoint_every, peer_ttl=node.peer_ttl,
                 sync=node.sync, linger=node.linger,
                 announce_wait=2 * node.heartbeat_period,
-                withhold_record=node.withhold_record, joining=bool(node.initial_peers))
+                withhold_record=node.withhold_record, joining=bool(node.initial_peers),
+                needs_weights=public is not None and public.needs_weights and ckpt is None)
     start = A.progress(algo)
     log = MetricsLog(out / "metrics.jsonl", resume_step=start if ckpt is not None else None)
 
@@ -196,6 +207,8 @@ async def serve(node: NodeConfig, mcfg: ModelConfig, dcfg: DataConfig, acfg: Any
     if ckpt is not None:
         tr.sent.update(ckpt.get("sent", {}))
         tr.received.update(ckpt.get("received", {}))
+    if key is not None:
+        driver.sealer = Sealer(key, node.swarm, driver.ctx)
     driver.transport = tr
     for s in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(s, driver.stop)
@@ -222,6 +235,10 @@ async def serve(node: NodeConfig, mcfg: ModelConfig, dcfg: DataConfig, acfg: Any
     if why == "no_peers":
         say(f"too few peers after {node.start_timeout:.0f} s; giving up")
         return 1
+    if why == "no_weights":
+        say("this swarm starts from a weights file, which we do not have, and no peer is "
+            "ahead of us to copy the state from: pass --weights PATH")
+        return 2
     val = summary["final_val_loss"]
     say(f"done: step {driver.poll.progress}, validation loss "
         f"{'n/a' if val is None else f'{val:.4f}'}, sent {summary['bytes_sent'] / 1e3:.1f} kB"

@@ -44,6 +44,8 @@ class NodeConfig:
     heartbeat_period: float = opt(2.0, "seconds between DHT heartbeats", lo=0.05)
     peer_ttl: float = opt(10.0, "a peer without a heartbeat or message for this long is "
                           "gone", lo=0.1)
+    sign: bool = opt(False, "seal every message with our identity key and accept only "
+                     "messages sealed by their sender (always on in public swarms)")
     sync: bool = opt(True, "on joining a swarm that is ahead, download a peer's state")
     linger: float = opt(2.0, "seconds to keep serving peers after the last step", lo=0.0)
     threads: int = opt(0, "torch CPU threads (0: torch's default)", lo=0, hi=1024)

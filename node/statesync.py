@@ -17,8 +17,10 @@ fetched from the next donor and counted against the first. The assembled θ must
 published fingerprint. Then each donor sends its records since that step (``log``); their
 union, with ``replay``, rebuilds the current θ.
 
-Limits. The records of the log are taken on the donors' word (records are not signed
-yet): two donors that disagree on a record abort the download. A swarm younger than
+Limits. In a swarm that does not sign (a plain ``byteswarm node``), the records of the log
+are taken on the donors' word: two donors that disagree on a record abort the download. A
+signing swarm serves sealed records (node/sealing.py): a donor can omit records, which
+another donor's log fills in, but cannot alter one. A swarm younger than
 ``SERVE_EVERY`` final steps, and NoLoCo and DiLoCo (whose replicas are not identical),
 download one donor's whole state instead (``Driver.sync_from``).
 """
@@ -29,6 +31,7 @@ import asyncio
 import hashlib
 import math
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -149,9 +152,14 @@ def choose_mark(members: dict[str, Member], me: str,
 
 
 async def download(tr: Transport, mark: tuple[int, str, list[str]], numel: int,
-                   blame: Counter[str]) -> tuple[dict[str, Any], list[str]]:
+                   blame: Counter[str],
+                   read_log: Callable[[bytes, int], dict[str, Any]] | None = None,
+                   ) -> tuple[dict[str, Any], list[str]]:
     """The SPSA state at the donors' position, as ``algos.load_sync_state`` takes it, and
-    the donors that served chunks. Raises Rejected if no consistent state came."""
+    the donors that served chunks. ``read_log`` parses a donor's record log (default
+    ``parse_log``; a signing node checks sealed records). Raises Rejected if no
+    consistent state came."""
+    read_log = read_log or parse_log
     step, fp, donors = mark
     limit = 4 * numel + (1 << 20)
     ask = lambda op, i=0: msgpack.packb([op, step, i])
@@ -201,7 +209,7 @@ async def download(tr: Transport, mark: tuple[int, str, list[str]], numel: int,
     closed, records = step, {}
     for peer in agree:
         try:
-            log = parse_log(await tr.request(peer, "snap", ask("log"), 1 << 24, TIMEOUT), step)
+            log = read_log(await tr.request(peer, "snap", ask("log"), 1 << 24, TIMEOUT), step)
         except Exception:  # Rejected or transport errors: the others' logs may do
             blame[peer] += 1
             continue

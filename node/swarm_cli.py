@@ -38,7 +38,8 @@ from .node_cli import Public, launch, say
 from .settings import NodeConfig
 
 # Fixed by the manifest or by the public-swarm rules, not by flags.
-FIXED = ("swarm", "algo", "seed", "shard", "num_shards", "initial_peers", "withhold_record")
+FIXED = ("swarm", "algo", "seed", "shard", "num_shards", "initial_peers", "withhold_record",
+         "sign")
 FETCH_TIMEOUT = 60.0
 
 
@@ -77,6 +78,10 @@ def _node_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-file", metavar="PATH",
                    help="local copy of the swarm's data file (if it does not train on the "
                         "embedded corpus); its sha256 must match the manifest")
+    p.add_argument("--weights", metavar="PATH",
+                   help="local copy of the swarm's initial weights file, if its manifest "
+                        "names one (sha256 checked); a joiner of a running swarm may go "
+                        "without: it copies the state from peers")
     p.add_argument("--fresh", action="store_true", help="ignore a checkpoint in DIR")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     for name in ("host_maddrs", "announce_maddrs"):
@@ -91,7 +96,7 @@ def _node_config(args: argparse.Namespace, algo: str, seed: int, sid: str,
         if isinstance(getattr(args, name, None), list):
             setattr(args, name, " ".join(getattr(args, name)))
     node = C.resolve(NodeConfig, args, {}, where="node")
-    node = dataclasses.replace(node, swarm=sid, algo=algo, seed=seed,
+    node = dataclasses.replace(node, swarm=sid, algo=algo, seed=seed, sign=True,
                                initial_peers=" ".join(initial_peers))
     node.check()
     return node
@@ -118,13 +123,18 @@ def _run(args: argparse.Namespace, sid: str, initial_peers: list[str],
 
     def settings(dht: DHT) -> tuple:
         m, blob, token = configure(dht)
-        if m.weights is not None:
-            raise C.ConfigError("manifest: swarms that start from a weights file are not "
-                                "supported by this node yet (use [init] seed)")
+        if m.weights is not None and args.weights:
+            m.check_weights(args.weights)
+        elif m.weights is not None and not initial_peers:
+            raise C.ConfigError(f"manifest: this swarm starts from the weights file "
+                                f"{m.weights}; pass it with --weights PATH")
         node = dataclasses.replace(first, algo=m.algorithm, seed=m.seed)
         node.check()
-        return (node, m.model, m.data_config(args.data_file), m.algo_config(),
-                _public(m, sid, blob, token))
+        public = _public(m, sid, blob, token)
+        if m.weights is not None:
+            public = dataclasses.replace(public, weights=args.weights,
+                                         needs_weights=not args.weights)
+        return node, m.model, m.data_config(args.data_file), m.algo_config(), public
 
     return launch(first, Path(args.out), settings, fresh=args.fresh, quiet=args.quiet)
 
@@ -144,6 +154,9 @@ def run_create(args: argparse.Namespace) -> int:
     if mine != m.creator:
         raise C.ConfigError(f"manifest: creator is {m.creator.hex()}, but {path} is "
                             f"{mine.hex()}; sign with the creator's key")
+    m = m.pinned()
+    if m.data.data.startswith("stdlib-"):
+        say(f"corpus pinned to this machine's standard library: {m.data.data[:40]}…")
     signed = manifest.sign(m, key)
     sid = signed.swarm_id
     say(f"swarm id {sid}")

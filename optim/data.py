@@ -5,11 +5,19 @@ By default the corpus is the Python standard library's own source (found through
 point ``data`` at any local text file or folder instead. Documents are split into train and
 validation by a hash of their relative path, so the split does not depend on file order or
 on how many files there are.
+
+The standard library's bytes differ between Python versions, so a swarm whose peers must
+read the same bytes (SPSA spot checks recompute each other's records) pins its corpus:
+``stdlib_pin`` names the Python version and hashes the corpus as loaded, and
+``check_stdlib_pin`` refuses a machine whose stdlib hashes otherwise.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import platform
+import re
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +30,7 @@ from .seeds import derive_seed
 SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "__pycache__"}
 TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst", ".c", ".h", ".json", ".toml", ".cfg", ".html"}
 BLOCK = 4096  # bytes per block when dealing IID shards
+STDLIB_PIN = re.compile(r"^stdlib-([0-9][0-9A-Za-z.+-]{0,31}):sha256:([0-9a-f]{64})$")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,6 +44,31 @@ class DataConfig:
     val_batches: int = opt(8, "fixed validation batches (same on every peer)", lo=1, hi=1000)
     non_iid: bool = opt(False, "give each peer a contiguous, topically clustered shard "
                         "instead of an IID deal of blocks")
+
+
+def stdlib_pin(cfg: DataConfig) -> str:
+    """``stdlib-<python version>:sha256:<hex>`` of this machine's embedded corpus, as
+    ``cfg`` (its size limit and split) loads it."""
+    c = Corpus.load(dataclasses.replace(cfg, data="stdlib"))
+    h = hashlib.sha256()
+    for part in (c.train, c.val):
+        h.update(part.numel().to_bytes(8, "little"))
+        h.update(part.numpy().tobytes())
+    return f"stdlib-{platform.python_version()}:sha256:{h.hexdigest()}"
+
+
+def check_stdlib_pin(pin: str, cfg: DataConfig) -> None:
+    """ConfigError unless this machine's standard library loads as ``pin`` says."""
+    m = STDLIB_PIN.match(pin)
+    if m is None:
+        raise ConfigError(f"data: {pin!r} is not 'stdlib-<version>:sha256:<64 hex>'"[:200])
+    mine = stdlib_pin(cfg)
+    if mine != pin:
+        raise ConfigError(
+            f"data: this swarm trains on the standard library of Python {m.group(1)} "
+            f"(sha256 {m.group(2)[:16]}…), but this machine's, Python "
+            f"{platform.python_version()}, reads as sha256 {mine[-64:-48]}…; peers on other "
+            f"bytes would fail each other's checks. Run byteswarm under Python {m.group(1)}.")
 
 
 def _stdlib_root() -> Path:

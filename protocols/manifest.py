@@ -17,7 +17,9 @@ The TOML form (every table and most keys optional; the defaults are the dataclas
     [model]                           # optim.model.ModelConfig
     preset = "tiny"
     [data]                            # optim.data.DataConfig, but no local path:
-    corpus = "stdlib"                 # the embedded corpus, or "sha256:<64 hex>" of a file
+    corpus = "stdlib"                 # the embedded corpus (swarm create pins it to
+                                      # "stdlib-<python>:sha256:<hex>"), or
+                                      # "sha256:<64 hex>" of a file
     batch_size = 16
     [init]
     seed = 0                          # run seed: weights, data deal, validation batches
@@ -66,7 +68,7 @@ from typing import Any
 import msgpack
 from byteswarm.optim.codecs import CODECS
 from byteswarm.optim.config import ConfigError, from_mapping, load_toml, tomllib
-from byteswarm.optim.data import DataConfig
+from byteswarm.optim.data import STDLIB_PIN, DataConfig, check_stdlib_pin, stdlib_pin
 from byteswarm.optim.model import ModelConfig
 from byteswarm.optim.sansio import Rejected
 from byteswarm.optim.workload import ALGOS
@@ -130,11 +132,22 @@ class Manifest:
         the manifest's (reads the file)."""
         if self.data.data == "stdlib":
             return self.data
+        if STDLIB_PIN.match(self.data.data):
+            check_stdlib_pin(self.data.data, self.data)  # loads the corpus once
+            return dataclasses.replace(self.data, data="stdlib")
         if path is None:
             raise ConfigError(f"manifest: this swarm trains on a data file "
                               f"({self.data.data}); give its local path")
         check_file(path, self.data.data, what="data")
         return dataclasses.replace(self.data, data=str(path))
+
+    def pinned(self) -> Manifest:
+        """This manifest with a bare ``corpus = "stdlib"`` pinned to this machine's
+        standard library (a new manifest, so a new id); others unchanged."""
+        if self.data.data != "stdlib":
+            return self
+        return dataclasses.replace(
+            self, data=dataclasses.replace(self.data, data=stdlib_pin(self.data)))
 
     def check_weights(self, path: str | Path) -> None:
         """ConfigError unless ``path`` is the swarm's initial weights file (reads it)."""
@@ -256,7 +269,7 @@ def from_dict(d: Any, *, where: str = "manifest") -> Manifest:
         raise ConfigError(f"{where} [data]: a local path cannot go in a manifest: set "
                           "corpus = 'stdlib' or corpus = 'sha256:<hex of the file>'")
     corpus = data.pop("corpus", "stdlib")
-    if corpus != "stdlib":
+    if corpus != "stdlib" and not (isinstance(corpus, str) and STDLIB_PIN.match(corpus)):
         corpus = _sha(corpus, f"{where} [data]: corpus ('stdlib' or a file's hash)")
     data_cfg = _build(DataConfig, dict(data, data=corpus), f"{where} [data]")
     init = _table(d.get("init", {}), f"{where} [init]")

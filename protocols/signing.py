@@ -1,4 +1,4 @@
-"""Signed contributions: an Ed25519 envelope around wire messages, and a replay guard.
+"""Signed contributions: an Ed25519 envelope around wire messages.
 
 Why sign at all, when libp2p already authenticates every stream? Because a message is not
 only heard from its author. SPSA records are relayed and served to late joiners, and a
@@ -33,17 +33,15 @@ base58btc of an identity multihash of the key's protobuf::
 so ``12D3KooW…`` converts to the raw key and back without any lookup (``peer_id_of_key``,
 ``public_key_of_peer``). ``node/identity.py`` holds the key file; these are pure.
 
-Replays. ``ReplayGuard`` remembers which (peer, message kind, step or round, part) it has
-let through and refuses a second one. Memory is bounded twice: the caller ``advance``s the
-guard to its own step, and everything older than ``window`` steps is forgotten (such
-messages are refused as ``stale`` from then on, since a forgotten key could be a replay);
-and each peer may hold at most ``per_peer`` entries, so one member flooding distinct parts
-only gets its own messages refused.
+Replays. A signature does not stop the same signed bytes from arriving twice; what does is
+that every message names its step or round (and an SPSA record its peer) inside the
+signed bytes, and each algorithm accepts one message per (peer, step or round, part) and
+refuses those of finished steps (``duplicate``, ``too_late``, ``stale`` in optim/). The
+swarm in the signed payload keeps a message from being replayed into another swarm.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -216,73 +214,3 @@ def open_signed(data: bytes, *, swarm: str, ctx: wire.Context = NO_CONTEXT,
     if named is not None and named != signer:
         raise Rejected("wrong_signer", f"a message naming {named[:60]} signed by another key")
     return signer, msg
-
-
-# --- replay protection -----------------------------------------------------------------------
-
-
-def replay_key(msg: Any) -> tuple[str, int, int]:
-    """(kind, step or round, part) of a wire message: what may arrive once per peer."""
-    step = msg.step if hasattr(msg, "step") else msg.round
-    return type(msg).__name__, step, getattr(msg, "part", 0)
-
-
-class ReplayGuard:
-    """Refuses a second (peer, kind, step, part), within a moving window of steps.
-
-    One guard per counter: steps for SPSA, outer rounds for NoLoCo and DiLoCo. The caller
-    ``advance``s it to its own position; a message is accepted for steps in
-    ``[position - window, position + ahead]``. Memory: at most
-    ``per_peer`` entries per peer, all within ``window + ahead + 1`` steps.
-    """
-
-    def __init__(self, *, window: int, ahead: int, per_peer: int = 4096):
-        if window < 0 or ahead < 0 or per_peer < 1:
-            raise ValueError("ReplayGuard: window and ahead must be >= 0, per_peer >= 1")
-        self.window, self.ahead, self.per_peer = window, ahead, per_peer
-        self.position = 0
-        self._by_step: dict[int, set[tuple[str, str, int]]] = {}
-        self._per_peer: Counter[str] = Counter()
-        self._refused: Counter[str] = Counter()
-
-    def advance(self, position: int) -> None:
-        """Move to ``position`` (never back) and forget steps below ``position - window``."""
-        if position <= self.position:
-            return
-        self.position = position
-        floor = position - self.window
-        for step in [s for s in self._by_step if s < floor]:
-            for peer, _, _ in self._by_step.pop(step):
-                self._per_peer[peer] -= 1
-                if not self._per_peer[peer]:
-                    del self._per_peer[peer]
-
-    def check(self, peer: str, kind: str, step: int, part: int = 0) -> None:
-        """Record the key, or raise ``Rejected`` (``stale``, ``ahead``, ``replay``,
-        ``flood``) and record nothing."""
-        try:
-            if step < self.position - self.window:
-                raise Rejected("stale", f"step {step} < {self.position - self.window}")
-            if step > self.position + self.ahead:
-                raise Rejected("ahead", f"step {step} > {self.position + self.ahead}")
-            seen = self._by_step.setdefault(step, set())
-            if (peer, kind, part) in seen:
-                raise Rejected("replay", f"{kind} {step}/{part} from {peer[:60]} again")
-            if self._per_peer[peer] >= self.per_peer:
-                raise Rejected("flood", f"{peer[:60]} holds {self.per_peer} entries")
-        except Rejected as e:
-            self._refused[e.reason] += 1
-            raise
-        seen.add((peer, kind, part))
-        self._per_peer[peer] += 1
-
-    def check_message(self, peer: str, msg: Any) -> None:
-        """``check`` with the message's own ``replay_key``."""
-        self.check(peer, *replay_key(msg))
-
-    def __len__(self) -> int:
-        return sum(self._per_peer.values())
-
-    def stats(self) -> dict[str, Any]:
-        return {"position": self.position, "entries": len(self), "peers": len(self._per_peer),
-                "refused": dict(sorted(self._refused.items()))}

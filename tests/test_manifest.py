@@ -258,3 +258,26 @@ def test_bad_toml_gives_one_clear_sentence(text, message):
 def test_a_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         M.load(tmp_path / "nope.toml")
+
+
+def test_the_stdlib_corpus_is_pinned_to_the_creators_bytes(signed, monkeypatch):
+    m = signed.manifest
+    small = dataclasses.replace(m, data=dataclasses.replace(m.data, max_bytes=200_000))
+    pinned = small.pinned()
+    pin = pinned.data.data
+    assert pin.startswith("stdlib-") and pinned.swarm_id != small.swarm_id
+    again = M.verify(M.sign(pinned, CREATOR).to_bytes(), pinned.swarm_id)
+    assert again.data.data == pin and again.pinned() is again
+    assert again.data_config().data == "stdlib"  # this machine: the same bytes
+    # Another machine's standard library (a different hash) is refused before training.
+    other = pin[:-64] + ("0" if pin[-1] != "0" else "1") * 64
+    odd = dataclasses.replace(small, data=dataclasses.replace(small.data, data=other))
+    odd = M.verify(M.sign(odd, CREATOR).to_bytes(), odd.swarm_id)
+    with pytest.raises(ConfigError, match="standard library of Python .* Run byteswarm under"):
+        odd.data_config()
+    # The pin covers what is read: another size limit reads other bytes.
+    bigger = dataclasses.replace(pinned.data, max_bytes=300_000)
+    with pytest.raises(ConfigError, match="standard library"):
+        M.check_stdlib_pin(pin, bigger)
+    with pytest.raises(ConfigError, match="corpus"):
+        M.parse(toml().replace("[data]\n", '[data]\ncorpus = "stdlib-3.11:sha256:00"\n'))

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 import subprocess
 import time
 
 import pytest
+import torch
 from byteswarm.node.identity import create_identity, load_identity, public_key_bytes
+from byteswarm.optim.model import ModelConfig, build_model
 from byteswarm.protocols import manifest
 from byteswarm.protocols.signing import sign_bytes
 from hivemind import DHT
@@ -35,20 +38,30 @@ def write_manifest(tmp_path, creator_hex, extra=""):
 @pytest.mark.slow
 def test_join_by_id_verifies_the_manifest_and_catches_up(launch, tmp_path):  # noqa: F811
     creator = str(tmp_path / "creator.key")
-    m = write_manifest(tmp_path, keygen(tmp_path / "creator.key"))
+    # The swarm starts from a weights file (not the seed's init): its members need a copy,
+    # checked against the manifest's hash; a joiner of the running swarm copies the state.
+    weights = tmp_path / "init.pt"
+    torch.save(build_model(ModelConfig(), seed=7).state_dict(), weights)
+    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    m = write_manifest(tmp_path, keygen(tmp_path / "creator.key"),
+                       f'[init]\nweights = "sha256:{sha}"\n')
     # ~100 SPSA steps a second here: long enough for c to start while a and b train.
     common = [*NODE, "--steps", "2500", "--eval-every", "500"]
-    a = launch("a", *common, "--identity", creator, "--min-peers", "2",
-               command=["swarm", "create", str(m)])
+    a = launch("a", *common, "--identity", creator, "--min-peers", "2", "--weights",
+               str(weights), command=["swarm", "create", str(m)])
     sid = a.wait_for(lambda: re.search(r"swarm id (bs1\w+)", a.text()), 60, "the id").group(1)
     maddr = a.maddr()
-    join = lambda name: launch(name, *common, command=["join", sid, "--bootstrap", maddr])
-    b = join("b")
+    join = lambda name, *x: launch(name, *common, *x,
+                                   command=["join", sid, "--bootstrap", maddr])
+    early = join("early")  # at step 0 without the file: nobody to copy from
+    assert early.wait(timeout=120) == 2 and "pass --weights PATH" in early.text()
+    b = join("b", "--weights", str(weights))
     a.wait_step(120, timeout=120)
     c = join("c")  # joins a running swarm, well past step 30
     for n in (a, b, c):
         assert n.wait(timeout=180) == 0, n.text()[-3000:]
     assert f"manifest of {sid} verified" in c.text()
+    assert all("initial weights from" in n.text() for n in (a, b))
     synced = re.search(r"synced from 2 peer\(s\), snapshot of step \d+ in checked chunks: "
                        r"now at step (\d+)", c.text())
     assert synced, c.text()[-3000:]
@@ -58,6 +71,8 @@ def test_join_by_id_verifies_the_manifest_and_catches_up(launch, tmp_path):  # n
     for s in after:  # the joiner holds the swarm's replica, bit for bit
         assert len({r[s]["fingerprint"] for r in rows}) == 1, s
     assert len({n.summary()["fingerprint"] for n in (a, b, c)}) == 1
+    # What the joiner replayed came as records sealed by their authors, each checked.
+    assert c.summary()["sealing"]["log_records"] > 0
     val = [rows[0][s]["val_loss"] for s in (500, 2500)]
     assert val[1] < val[0]
 

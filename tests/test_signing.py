@@ -13,8 +13,6 @@ from byteswarm.optim.spsa import Record
 from byteswarm.protocols import signing as S
 from byteswarm.protocols import wire
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
 OTHER = Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
@@ -85,54 +83,6 @@ def test_bad_envelopes(obj, why):
 def test_oversized_envelopes_are_refused_before_parsing():
     assert reason(S.open_signed, b"\x00" * (S.max_signed_bytes() + 1), swarm="s") == "oversized"
     assert reason(S.open_signed, sealed_record(), swarm="s", max_bytes=10) == "oversized"
-
-
-def test_replay_guard_refuses_duplicates_and_bounds_the_window():
-    g = S.ReplayGuard(window=2, ahead=3)
-    rec = Record(1, ME, 5)
-    g.check_message(ME, rec)
-    assert reason(g.check_message, ME, rec) == "replay"
-    assert reason(g.check_message, ME, Record(1, ME, -5)) == "replay"  # same step, new q
-    g.check_message("p2", rec)  # another peer's record of the same step
-    g.check("p2", "ReducePart", 1, part=0)
-    g.check("p2", "ReducePart", 1, part=1)
-    assert reason(g.check, "p2", "ReducePart", 1, part=1) == "replay"
-    assert reason(g.check, ME, "Record", 4) == "ahead"  # position 0 + ahead 3
-    g.advance(3)
-    assert len(g) == 4 and reason(g.check, ME, "Record", 0) == "stale"
-    g.advance(4)  # step 1 < 4 - 2: forgotten, and refused as stale from now on
-    assert len(g) == 0 and reason(g.check_message, ME, rec) == "stale"
-    assert g.stats()["refused"] == {"ahead": 1, "replay": 3, "stale": 2}
-    g.advance(2)  # never back
-    assert g.position == 4
-
-
-def test_replay_guard_caps_each_peer():
-    g = S.ReplayGuard(window=10, ahead=10, per_peer=3)
-    for part in range(3):
-        g.check("flooder", "GatherPart", 5, part)
-    assert reason(g.check, "flooder", "GatherPart", 5, 3) == "flood"
-    g.check("honest", "GatherPart", 5, 3)  # the cap is per peer
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["check", "advance"]), st.integers(0, 9),
-                          st.integers(0, 60), st.integers(0, 5)), max_size=200),
-       st.integers(0, 4), st.integers(0, 4))
-def test_replay_guard_memory_stays_within_the_window(ops, window, ahead):
-    g = S.ReplayGuard(window=window, ahead=ahead, per_peer=50)
-    for op, peer, step, part in ops:
-        if op == "advance":
-            g.advance(step)
-            continue
-        try:
-            g.check(f"p{peer}", "Record", step, part)
-        except Rejected:
-            pass
-        assert all(g.position - window <= s <= g.position + ahead for s in g._by_step)
-        # every entry is a distinct (peer, part) at a step inside the window
-        assert len(g) <= (window + ahead + 1) * 10 * 6
-        assert len(g) == sum(len(v) for v in g._by_step.values())
 
 
 def test_peer_ids_and_public_keys_are_inverse():

@@ -103,3 +103,31 @@ def test_cosine_schedule_warms_up_then_decays():
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert lrs[-1] == pytest.approx(0.1, abs=0.01)
+
+
+def test_initial_weights_from_a_file_are_checked_and_used(tmp_path):
+    from byteswarm.optim.files import save_checkpoint
+    from byteswarm.optim.workload import ALGOS, load_workload, read_weights
+
+    cfg = ModelConfig()
+    state = build_model(cfg, seed=7).state_dict()
+    torch.save(state, tmp_path / "w.pt")
+    save_checkpoint(tmp_path / "ckpt.pt", {"trainer": {"model": state, "step": 3}})
+    for name in ("w.pt", "ckpt.pt"):  # a state dict, or what byteswarm train writes
+        got = read_weights(tmp_path / name, cfg)
+        assert all(torch.equal(got[k], v) for k, v in state.items())
+    w = load_workload(cfg, DataConfig(max_bytes=200_000, batch_size=4), 0, init=got)
+    for algo in ("spsa", "noloco"):  # every replica starts from the file, not the seed
+        a = ALGOS[algo].make(ALGOS[algo].config_cls(), "p", 0, 1, ["p"], w)
+        assert all(torch.equal(a.model.state_dict()[k], v) for k, v in state.items())
+    bad = dict(state)
+    bad[next(iter(bad))] = torch.full_like(state[next(iter(state))], float("nan"))
+    torch.save(bad, tmp_path / "nan.pt")
+    torch.save({k: v for k, v in list(state.items())[1:]}, tmp_path / "short.pt")
+    torch.save({**state, next(iter(state)): torch.zeros(3)}, tmp_path / "other.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not torch")
+    for name, why in (("nan.pt", "finite"), ("short.pt", "names differ"),
+                      ("other.pt", "shape"), ("junk.pt", "cannot load"),
+                      ("missing.pt", "cannot load")):
+        with pytest.raises(ConfigError, match=why):
+            read_weights(tmp_path / name, cfg)
