@@ -48,7 +48,7 @@ from byteswarm.optim.spsa import HISTORY_STEPS, SPSA, Record
 from byteswarm.protocols import wire
 
 from . import algos as A
-from . import statesync
+from . import outersync, report, statesync
 from .sealing import Sealer
 from .transport import Member, Transport
 
@@ -134,6 +134,8 @@ class Driver:
         a = self.algo
         if isinstance(a, SPSA):
             self.store.add(a.snap)
+        else:
+            self.store.add_outer(a.round, lambda: outersync.outer_blob(a.export_state()))
         return res, Poll(can_step=a.can_step(), deadline=a.next_deadline(),
                          progress=A.progress(a), outbox=a.outbox(), mark=A.mark(a))
 
@@ -252,11 +254,12 @@ class Driver:
         return await asyncio.get_running_loop().run_in_executor(None, A.dumps, state)
 
     async def serve_snap(self, request: bytes) -> bytes:
-        """An index, a chunk or the record log of a served SPSA snapshot (statesync.py)."""
+        """An index, a chunk or the record log of a served SPSA snapshot (statesync.py),
+        or of our outer state at a round (outersync.py)."""
         op, step, index = statesync.parse_request(request)
-        if not isinstance(self.algo, SPSA):
-            return b""
         if op == "log":
+            if not isinstance(self.algo, SPSA):
+                return b""
             blob = statesync.log_blob if self.sealer is None else self.sealer.log_blob
             return await self.act(lambda: blob(self.algo.closed, self.algo.log_since(step)))
         return await self.act(self.store.answer, op, step, index)
@@ -321,10 +324,23 @@ class Driver:
 
     async def catch_up(self, donors: list[str]) -> None:
         """SPSA: a marked snapshot from several of ``donors`` in checked chunks, then the
-        records since; otherwise (or if that fails) one donor's whole state."""
+        records since; NoLoCo/DiLoCo: the outer state several donors hold, in checked
+        chunks (outersync.py); if that fails, one donor's whole state."""
         mark = None
         if isinstance(self.algo, SPSA):
             mark = statesync.choose_mark(self.members, self.algo.peer_id, set(donors))
+        else:
+            try:
+                state, served, how = await outersync.download_outer(
+                    self.transport, donors, self.ctx.numel, self.blame)
+                await self.act(A.load_sync_state, self.algo, state)
+                self.say(f"synced from {len(served)} peer(s), outer state of round "
+                         f"{state['round']} in checked chunks ({how}): now at step "
+                         f"{self.poll.progress}")
+                return
+            except Rejected as e:
+                self.rejects[e.reason] += 1
+                self.say(f"chunked download failed ({e.reason}: {e}); trying whole states")
         if mark is not None:
             try:
                 state, served = await statesync.download(
@@ -412,34 +428,15 @@ class Driver:
         return "done"
 
     async def write_row(self, step: int, evaluate: bool) -> None:
-        def measure() -> dict[str, Any]:
-            out: dict[str, Any] = {}
-            if hasattr(self.algo, "fingerprint"):
-                out["fingerprint"] = self.algo.fingerprint()
-            if evaluate:
-                out["val_loss"] = round(self.algo.evaluate(), 6)
-            out["algo"] = {k: v for k, v in self.algo.stats().items()
-                           if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            return out
-
-        extra = await self.act(measure)
+        extra = await self.act(report.measure, self.algo, evaluate)
         if "val_loss" in extra:
             self.val_loss = extra["val_loss"]
-        tr = self.transport
-        row = {"step": step, "loss": round(self.last_loss, 6), "peers": len(self.peers),
-               "seconds": round(self.seconds(), 3),
-               "bytes_sent": sum(tr.sent.values()), "bytes_received": sum(tr.received.values()),
-               "sent_by_type": dict(tr.sent), "received_by_type": dict(tr.received),
-               "wait_seconds": round(self.last_wait, 4), "resyncs": self.resyncs, **extra}
+        row = report.row(self, step, extra)
         self.log_row(row)
         if evaluate or step % 10 == 0:
-            val = f"  val {self.val_loss:.3f}" if evaluate else ""
             t0, s0 = self.last_said
-            rate = (step - s0) / max(self.now() - t0, 1e-9)
             self.last_said = (self.now(), step)
-            self.say(f"step {step}  loss {self.last_loss:.3f}{val}  peers {len(self.peers)}"
-                     f"  up {row['bytes_sent'] / 1e3:.1f} kB  down "
-                     f"{row['bytes_received'] / 1e3:.1f} kB  {rate:.2f} steps/s")
+            self.say(report.line(row, (step - s0) / max(self.now() - t0, 1e-9)))
 
     def seconds(self) -> float:
         return self.seconds_before + self.now() - self.t0
@@ -451,23 +448,4 @@ class Driver:
                                "received": dict(self.transport.received)})
 
     def summary(self) -> dict[str, Any]:
-        tr, total = self.transport, max(self.now() - self.t0, 1e-9)
-        stats = self.algo.stats()
-        steps = max(1, self.poll.progress)
-        rounds = getattr(getattr(self.algo, "cfg", None), "inner_steps", 1)
-        idle = max(0.0, total - self.compute_seconds)
-        return {"final_val_loss": self.val_loss, "steps": self.poll.progress,
-                "peer_id": self.algo.peer_id, "peers": len(self.peers),
-                "seconds": round(self.seconds(), 3),
-                "bytes_sent": sum(tr.sent.values()), "bytes_received": sum(tr.received.values()),
-                "sent_by_type": dict(tr.sent), "received_by_type": dict(tr.received),
-                "bytes_sent_per_step": sum(tr.sent.values()) / steps,
-                "idle_fraction": round(idle / total, 4),
-                "sync_seconds_mean": round(idle / (steps / rounds), 4),
-                "rejects": {**dict(self.rejects), **stats.get("rejects", {})},
-                "resyncs": self.resyncs, "donor_blame": dict(self.blame),
-                **({"sealing": self.sealer.stats()} if self.sealer is not None else {}),
-                "transport_events": dict(tr.events),
-                "stats": {k: v for k, v in stats.items() if k != "rejects"},
-                **({"fingerprint": self.algo.fingerprint()}
-                   if hasattr(self.algo, "fingerprint") else {})}
+        return report.summary(self)

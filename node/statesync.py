@@ -82,11 +82,14 @@ def make_index(step: int, blob: bytes) -> bytes:
     return msgpack.packb({"step": step, "size": len(blob), "chunk": CHUNK, "sha256": hashes})
 
 
-def parse_index(data: bytes, step: int, limit: int) -> dict[str, Any]:
+def parse_index(data: bytes, step: int | None, limit: int) -> dict[str, Any]:
+    """A donor's index of the blob at ``step`` (None: at any step it names)."""
     try:
         idx = msgpack.unpackb(data)
         size, chunk, hashes = idx["size"], idx["chunk"], idx["sha256"]
-        ok = (idx["step"] == step and type(size) is int and 0 < size <= limit
+        ok = (idx["step"] == step if step is not None else
+              type(idx["step"]) is int and 0 <= idx["step"] < 1 << 62)
+        ok = (ok and type(size) is int and 0 < size <= limit
               and type(chunk) is int and 1024 <= chunk <= 1 << 24
               and isinstance(hashes, list) and len(hashes) == -(-size // chunk)
               and all(isinstance(h, bytes) and len(h) == 32 for h in hashes))
@@ -111,11 +114,21 @@ class SnapshotStore:
             for old in sorted(self.blobs)[:-KEEP]:
                 del self.blobs[old]
 
+    def add_outer(self, round_: int, make: Callable[[], bytes]) -> None:
+        """NoLoCo/DiLoCo: keep ``make()``, our outer state, once per round (node/outersync.py)."""
+        if round_ > 0 and round_ not in self.blobs:
+            self.blobs[round_] = make()
+            for old in sorted(self.blobs)[:-KEEP]:
+                del self.blobs[old]
+
     def answer(self, op: str, step: int, index: int) -> bytes | None:
-        """The index or a chunk of the snapshot at ``step``; None for ``log`` requests
-        (the algorithm answers those); b"" if we no longer hold it."""
+        """The index or a chunk of the snapshot at ``step``, or the index of the latest we
+        hold (``latest``); None for ``log`` requests (the algorithm answers those); b"" if
+        we do not hold it."""
+        if op == "latest":
+            step = max(self.blobs, default=-1)
         blob = self.blobs.get(step)
-        if op == "index":
+        if op in ("index", "latest"):
             return b"" if blob is None else make_index(step, blob)
         if op == "chunk":
             return b"" if blob is None else blob[index * CHUNK:(index + 1) * CHUNK]
@@ -125,7 +138,7 @@ class SnapshotStore:
 def parse_request(data: bytes) -> tuple[str, int, int]:
     try:
         op, step, index = msgpack.unpackb(data)
-        if op in ("index", "chunk", "log") and type(step) is int and type(index) is int \
+        if op in ("index", "chunk", "log", "latest") and type(step) is int and type(index) is int \
                 and 0 <= step < 1 << 62 and 0 <= index < 1 << 20:
             return op, step, index
     except Exception:  # msgpack errors, or not three items
@@ -151,47 +164,33 @@ def choose_mark(members: dict[str, Member], me: str,
     return step, fp, sorted(peers)[:DONORS]
 
 
-async def download(tr: Transport, mark: tuple[int, str, list[str]], numel: int,
-                   blame: Counter[str],
-                   read_log: Callable[[bytes, int], dict[str, Any]] | None = None,
-                   ) -> tuple[dict[str, Any], list[str]]:
-    """The SPSA state at the donors' position, as ``algos.load_sync_state`` takes it, and
-    the donors that served chunks. ``read_log`` parses a donor's record log (default
-    ``parse_log``; a signing node checks sealed records). Raises Rejected if no
-    consistent state came."""
-    read_log = read_log or parse_log
-    step, fp, donors = mark
-    limit = 4 * numel + (1 << 20)
-    ask = lambda op, i=0: msgpack.packb([op, step, i])
-
-    async def try_index(peer: str) -> bytes | None:
+async def ask_all(tr: Transport, donors: list[str], request: bytes, limit: int,
+                  blame: Counter[str]) -> dict[str, bytes | None]:
+    """Each donor's answer to one ``snap`` request, None for those that failed or had none."""
+    async def one(peer: str) -> bytes | None:
         try:
-            return await tr.request(peer, "snap", ask("index"), 1 << 20, TIMEOUT) or None
+            return await tr.request(peer, "snap", request, limit, TIMEOUT) or None
         except Exception:  # gone, slow, or junk: another donor may do
             blame[peer] += 1
             return None
+    return dict(zip(donors, await asyncio.gather(*map(one, donors)), strict=True))
 
-    answers = dict(zip(donors, await asyncio.gather(*map(try_index, donors)), strict=True))
-    groups = Counter(a for a in answers.values() if a is not None)
-    if not groups:
-        raise Rejected("state_fetch_failed", f"no donor holds the snapshot at step {step}")
-    best, _ = groups.most_common(1)[0]
-    idx = parse_index(best, step, limit)
-    agree = [p for p, a in answers.items() if a == best]
-    for p, a in answers.items():
-        if a is not None and a != best:
-            blame[p] += 1
+
+async def fetch_blob(tr: Transport, peers: list[str], step: int, idx: dict[str, Any],
+                     blame: Counter[str], served: set[str]) -> bytes:
+    """The blob ``idx`` describes, its chunks spread over ``peers`` (all of which sent that
+    index), each checked against its hash; a chunk that fails comes from the next peer."""
     chunks: list[bytes | None] = [None] * len(idx["sha256"])
-    served: set[str] = set()
     gate = asyncio.Semaphore(PARALLEL)
 
     async def fetch(i: int) -> None:
         want = min(idx["chunk"], idx["size"] - i * idx["chunk"])
-        for k in range(len(agree)):
-            peer = agree[(i + k) % len(agree)]
+        for k in range(len(peers)):
+            peer = peers[(i + k) % len(peers)]
             try:
                 async with gate:
-                    data = await tr.request(peer, "snap", ask("chunk", i), want, TIMEOUT)
+                    data = await tr.request(peer, "snap", msgpack.packb(["chunk", step, i]),
+                                            want, TIMEOUT)
             except Exception:  # try the next donor
                 blame[peer] += 1
                 continue
@@ -203,7 +202,32 @@ async def download(tr: Transport, mark: tuple[int, str, list[str]], numel: int,
         raise Rejected("bad_state", f"chunk {i}: no donor sent bytes with its hash")
 
     await asyncio.gather(*(fetch(i) for i in range(len(chunks))))
-    snap = parse_snapshot(b"".join(chunks), numel)
+    return b"".join(chunks)
+
+
+async def download(tr: Transport, mark: tuple[int, str, list[str]], numel: int,
+                   blame: Counter[str],
+                   read_log: Callable[[bytes, int], dict[str, Any]] | None = None,
+                   ) -> tuple[dict[str, Any], list[str]]:
+    """The SPSA state at the donors' position, as ``algos.load_sync_state`` takes it, and
+    the donors that served chunks. ``read_log`` parses a donor's record log (default
+    ``parse_log``; a signing node checks sealed records). Raises Rejected if no
+    consistent state came."""
+    read_log = read_log or parse_log
+    step, fp, donors = mark
+    ask = lambda op: msgpack.packb([op, step, 0])
+    answers = await ask_all(tr, donors, ask("index"), 1 << 20, blame)
+    groups = Counter(a for a in answers.values() if a is not None)
+    if not groups:
+        raise Rejected("state_fetch_failed", f"no donor holds the snapshot at step {step}")
+    best, _ = groups.most_common(1)[0]
+    idx = parse_index(best, step, 4 * numel + (1 << 20))
+    agree = [p for p, a in answers.items() if a == best]
+    for p, a in answers.items():
+        if a is not None and a != best:
+            blame[p] += 1
+    served: set[str] = set()
+    snap = parse_snapshot(await fetch_blob(tr, agree, step, idx, blame, served), numel)
     if fingerprint_of(snap.theta) != fp:
         raise Rejected("bad_state", f"snapshot at step {step} lacks the published fingerprint")
     closed, records = step, {}

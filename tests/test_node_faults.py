@@ -145,3 +145,34 @@ def test_a_split_replica_is_found_by_its_marks_and_repaired(launch, tmp_path):  
     for s in range(repaired + 5, 301):  # identical again once the repair is final
         assert len(fp(s)) == 1, s
     assert len({s["fingerprint"] for s in summaries.values()}) == 1
+
+
+@pytest.mark.slow
+def test_a_late_diloco_joiner_takes_the_outer_state_its_donors_agree_on(launch, tmp_path):  # noqa: F811
+    cfg = tmp_path / "diloco.toml"
+    cfg.write_text("[node]\nalgo = 'diloco'\nmin_peers = 3\n"
+                   "[diloco]\ninner_steps = 5\nwarmup = 5\nround_timeout = 2.0\n")
+    common = ["--config", str(cfg), "--steps", "100000", "--eval-every", "25"]
+    a = launch("a", *common, "--shard", "0")
+    maddr = a.maddr()
+    others = [launch(n, *common, "--shard", str(k), "--initial-peers", maddr)
+              for k, n in ((1, "b"), (2, "c"))]
+    a.wait_step(10, timeout=120)
+    d = launch("d", *common, "--shard", "3", "--initial-peers", maddr)
+    m = d.wait_for(lambda: re.search(r"synced from (\d) peer\(s\), outer state of round (\d+) "
+                                     r"in checked chunks \((\d) identical\): now at step (\d+)",
+                                     d.text()), 90, "the outer state download")
+    assert int(m.group(1)) >= 2 and int(m.group(3)) >= 2
+    start = int(m.group(4))
+    d.wait_step(start + 30, timeout=60)
+    for n in (a, *others, d):
+        n.proc.send_signal(signal.SIGTERM)
+    for n in (a, *others, d):
+        assert n.wait(timeout=30) == 128 + signal.SIGTERM, n.text()[-3000:]
+    s = d.summary()
+    assert s["stats"]["rounds_with_partner"] >= 3
+    assert s["received_by_type"]["snap"] > 8 * 136_000  # φ and momentum, fp32
+    # d starts where the swarm is, not from scratch (an untrained model: ~5.5 nats).
+    rows, ref = by_step(d), by_step(a)
+    first = min(t for t, r in rows.items() if "val_loss" in r and t in ref)
+    assert abs(rows[first]["val_loss"] - ref[first]["val_loss"]) < 0.1, (first, rows[first])
