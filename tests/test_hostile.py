@@ -24,8 +24,8 @@ async def as_member(maddr: str, swarm: str, seconds: float, act,
                     identity: str | None = None) -> int:
     """Join the swarm's DHT and heartbeat as a member for ``seconds``; ten times a second
     call ``act(me, peer, member, everyone)`` for each other member, which returns the
-    frames to send that peer. ``seconds`` count from the first frame sent. Returns how many
-    frames were sent."""
+    frames to send that peer. ``seconds`` count from the first frame sent; at the end each
+    stream gets an oversized frame header. Returns how many frames were sent."""
     dht = DHT(initial_peers=[maddr], start=True, client_mode=False,
               **({"identity_path": identity, "check_if_identity_free": False}
                  if identity else {}))
@@ -50,6 +50,9 @@ async def as_member(maddr: str, swarm: str, seconds: float, act,
                     frames += 1
                     stop = min(stop, time.monotonic() + seconds)
             await asyncio.sleep(0.1)
+        for w in writers.values():  # last, a header claiming 1 TB: the stream is closed
+            w.write((1 << 40).to_bytes(8, "big"))
+            await w.drain()
         return frames
     finally:
         for w in writers.values():
@@ -100,6 +103,7 @@ def test_honest_nodes_ban_a_lying_member_and_stay_identical(launch, tmp_path):  
         rejects = s["rejects"]
         assert rejects["malformed"] >= 1  # the junk frames and the unsealed lies
         assert rejects["bad_signature"] >= 1 and rejects["wrong_signer"] >= 1
+        assert s["transport_events"]["oversized_frame"] >= 1
         assert rejects["banned"] >= 1  # its records after the ban
         assert rejects.get("duplicate", 0) >= 1  # the replays that came before it
     rows = [by_step(n) for n in (a, b)]
