@@ -101,6 +101,7 @@ class Driver:
         self.peers: frozenset[str] = frozenset({algo.peer_id})
         self.heard: dict[str, float] = {}  # sender -> when we last got a message from it
         self.members: dict[str, Member] = {}
+        self.listeners: frozenset[str] = frozenset()  # syncing members: they hear, not count
         self.ready = False
         self.buffer: list[tuple[str, Any]] = []
         self.rejects: Counter[str] = Counter()
@@ -159,7 +160,7 @@ class Driver:
         else:
             data = wire.encode(send.msg, swarm=self.plan.swarm)
         kind = type(send.msg).__name__
-        targets = self.peers if send.to == EVERYONE else {send.to}
+        targets = (self.peers | self.listeners) if send.to == EVERYONE else {send.to}
         if isinstance(send.msg, Record) and send.msg.step == self.plan.withhold_record:
             targets = set(sorted(targets - {self.algo.peer_id})[:1])
         for peer in sorted(targets - {self.algo.peer_id}):
@@ -227,7 +228,15 @@ class Driver:
         self.members = members
         now = self.now()
         self.heard = {p: t for p, t in self.heard.items() if now - t < self.plan.peer_ttl}
-        live = frozenset(members) | frozenset(self.heard) | {self.algo.peer_id}
+        # NoLoCo/DiLoCo: a member still downloading the state takes no part yet, and
+        # waiting for its share would stall a round. (SPSA keeps waiting for a joiner's
+        # records: closing steps without it would leave it behind the swarm's finality,
+        # and its first records too late for anyone but itself: a split.)
+        self.listeners = frozenset(
+            p for p, m in members.items()
+            if m.syncing and p != self.algo.peer_id and not isinstance(self.algo, SPSA))
+        live = ((frozenset(members) - self.listeners) | frozenset(self.heard)
+                | {self.algo.peer_id})
         if live != self.peers:
             self.peers = live
             if self.ready:
@@ -310,7 +319,10 @@ class Driver:
             return "no_weights"  # nobody is ahead to copy, and we cannot start alone
         if p.sync and running():
             # Peers send to whom their DHT view lists; once they list us, nothing they
-            # send after the donor's snapshot can miss us (it waits in self.buffer).
+            # send after the donor's snapshot can miss us (it waits in self.buffer). Our
+            # heartbeat says we are syncing: NoLoCo/DiLoCo groups leave us out meanwhile.
+            self.transport.beat_extra["syncing"] = True
+            self.transport.beat_soon()
             await asyncio.sleep(p.announce_wait)
             donors = sorted((m.progress, peer) for peer, m in self.members.items()
                             if A.needs_sync(self.algo, self.poll.progress, m.progress))
@@ -326,36 +338,42 @@ class Driver:
         """SPSA: a marked snapshot from several of ``donors`` in checked chunks, then the
         records since; NoLoCo/DiLoCo: the outer state several donors hold, in checked
         chunks (outersync.py); if that fails, one donor's whole state."""
-        mark = None
-        if isinstance(self.algo, SPSA):
-            mark = statesync.choose_mark(self.members, self.algo.peer_id, set(donors))
-        else:
+        for attempt in (0, 1):  # a snapshot gone by the time we ask: read marks again
             try:
-                state, served, how = await outersync.download_outer(
-                    self.transport, donors, self.ctx.numel, self.blame)
-                await self.act(A.load_sync_state, self.algo, state)
-                self.say(f"synced from {len(served)} peer(s), outer state of round "
-                         f"{state['round']} in checked chunks ({how}): now at step "
-                         f"{self.poll.progress}")
-                return
+                return await self._download(donors)
             except Rejected as e:
+                if e.reason == "no_marks":  # a swarm younger than its first snapshot
+                    break
                 self.rejects[e.reason] += 1
-                self.say(f"chunked download failed ({e.reason}: {e}); trying whole states")
-        if mark is not None:
-            try:
-                state, served = await statesync.download(
-                    self.transport, mark, self.ctx.numel, self.blame,
-                    statesync.parse_log if self.sealer is None else self.sealer.parse_log)
-                await self.act(A.load_sync_state, self.algo, state)
-                self.say(f"synced from {len(served)} peer(s), snapshot of step {mark[0]} in "
-                         f"checked chunks: now at step {self.poll.progress}")
-                return
-            except Rejected as e:
-                self.rejects[e.reason] += 1
-                self.say(f"chunked download failed ({e.reason}: {e}); trying whole states")
+                self.say(f"chunked download failed ({e.reason}: {e})")
+                if e.reason != "state_fetch_failed" or attempt:
+                    break
+                await asyncio.sleep(self.plan.announce_wait)
+        self.say("trying whole states")
         await self.sync_from(donors[:3])
 
+    async def _download(self, donors: list[str]) -> None:
+        if not isinstance(self.algo, SPSA):
+            state, served, how = await outersync.download_outer(
+                self.transport, donors, self.ctx.numel, self.blame)
+            await self.act(A.load_sync_state, self.algo, state)
+            self.say(f"synced from {len(served)} peer(s), outer state of round "
+                     f"{state['round']} in checked chunks ({how}): now at step "
+                     f"{self.poll.progress}")
+            return
+        mark = statesync.choose_mark(self.members, self.algo.peer_id, set(donors))
+        if mark is None:
+            raise Rejected("no_marks", "no donor published a served snapshot yet")
+        state, served = await statesync.download(
+            self.transport, mark, self.ctx.numel, self.blame,
+            statesync.parse_log if self.sealer is None else self.sealer.parse_log)
+        await self.act(A.load_sync_state, self.algo, state)
+        self.say(f"synced from {len(served)} peer(s), snapshot of step {mark[0]} in "
+                 f"checked chunks: now at step {self.poll.progress}")
+
     async def go_live(self) -> None:
+        if self.transport.beat_extra.pop("syncing", None):
+            self.transport.beat_soon()
         await self.act(self.algo.on_peers, self.peers, self.now())
         self.ready = True
         buffered, self.buffer = self.buffer, []

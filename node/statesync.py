@@ -42,7 +42,7 @@ from byteswarm.optim.spsa import Snapshot, fingerprint_of
 from .transport import Member, Transport
 
 SERVE_EVERY = 40  # final steps between served snapshots (a multiple of algos.MARK_EVERY)
-KEEP = 2  # served snapshots kept
+KEEP = 4  # served snapshots kept (heartbeats are seconds old when a joiner asks)
 CHUNK = 1 << 18  # bytes
 DONORS = 4
 PARALLEL = 4  # chunk requests in flight
@@ -150,8 +150,10 @@ def parse_request(data: bytes) -> tuple[str, int, int]:
 
 def choose_mark(members: dict[str, Member], me: str,
                 among: set[str] | None = None) -> tuple[int, str, list[str]] | None:
-    """(step, fingerprint, peers) of the served step most peers published alike (the
-    latest among equals), or None if nobody published one."""
+    """(step, fingerprint, peers) of the latest served step that at least two peers
+    published alike (or, if none did, that the most did; the latest among equals), or None
+    if nobody published one. Latest, because donors keep only their last ``KEEP``
+    snapshots and their heartbeats are seconds old."""
     votes: dict[tuple[int, str], list[str]] = {}
     for peer, m in members.items():
         if peer != me and (among is None or peer in among):
@@ -160,7 +162,9 @@ def choose_mark(members: dict[str, Member], me: str,
                     votes.setdefault((step, fp), []).append(peer)
     if not votes:
         return None
-    (step, fp), peers = max(votes.items(), key=lambda kv: (len(kv[1]), kv[0][0]))
+    enough = min(2, max(map(len, votes.values())))
+    (step, fp), peers = max(((k, v) for k, v in votes.items() if len(v) >= enough),
+                            key=lambda kv: (kv[0][0], len(kv[1])))
     return step, fp, sorted(peers)[:DONORS]
 
 

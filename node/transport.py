@@ -21,7 +21,8 @@ transport's handshake has authenticated.
 Membership. Every ``heartbeat_period`` seconds a peer stores a small record under the DHT
 key ``<swarm>.peers`` with its peer id as the subkey and an expiration ``peer_ttl``
 seconds ahead, then reads the key back: the unexpired subkeys are the live swarm. The
-record holds the peer's progress, whether it is in client mode and, for SPSA, its latest
+record holds the peer's progress, whether it is in client mode, whether it is still
+downloading the swarm's state (``syncing``) and, for SPSA, its latest
 marks (final steps and the fingerprint of θ at each), which the driver compares to find a
 replica that split from the others.
 DHT expirations use ``get_dht_time()`` (wall clock, as hivemind requires); nothing else
@@ -62,6 +63,7 @@ class Member:
     client: bool  # in client mode: cannot be dialed
     marks: dict[int, str] = field(default_factory=dict)  # SPSA: final step -> fingerprint
     token: bytes | None = None  # a public swarm's admission token, as published
+    syncing: bool = False  # downloading the swarm's state: not yet taking part
 
 
 def parse_members(found: Any, now: float, limit: int = MAX_MEMBERS) -> dict[str, Member]:
@@ -79,7 +81,8 @@ def parse_members(found: Any, now: float, limit: int = MAX_MEMBERS) -> dict[str,
         if type(progress) is int and progress >= 0 and isinstance(client, bool):
             token = value.get("token")
             token = token if isinstance(token, bytes) and len(token) <= MAX_TOKEN else None
-            out[subkey] = Member(progress, client, parse_marks(value.get("marks")), token)
+            out[subkey] = Member(progress, client, parse_marks(value.get("marks")), token,
+                                 value.get("syncing") is True)
     return out
 
 
@@ -134,6 +137,7 @@ class Transport:
         self._queues: dict[str, asyncio.Queue[tuple[bytes, str]]] = {}
         self._arrived: dict[str, asyncio.Event] = {}  # a client-mode peer's stream came
         self._tasks: set[asyncio.Task] = set()
+        self._wake = asyncio.Event()  # beat now rather than at the next period
         self.sent: Counter[str] = Counter()  # bytes written, by message kind
         self.received: Counter[str] = Counter()  # bytes read, by message kind
         self.events: Counter[str] = Counter()  # drops, failures, oversized frames, ...
@@ -342,4 +346,10 @@ class Transport:
                 raise
             except Exception:  # the DHT is best effort: a failed beat is retried next time
                 self.events["heartbeat_failed"] += 1
-            await asyncio.sleep(self.heartbeat_period)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.heartbeat_period)
+            self._wake.clear()
+
+    def beat_soon(self) -> None:
+        """Publish our heartbeat now (``beat_extra`` changed), not a period from now."""
+        self._wake.set()

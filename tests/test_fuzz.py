@@ -324,3 +324,44 @@ def test_part_sizes_agree_with_part_bounds(numel, n_parts, data):
     part = data.draw(st.integers(0, n_parts - 1))
     lo, hi = part_bounds(numel, n_parts)[part]
     assert wire._part_numel(wire.Context(numel=numel), part, n_parts) == hi - lo
+
+
+# --- state downloads (node/statesync.py, node/outersync.py, node/sealing.py) -------------
+
+def _state_seeds():
+    from byteswarm.node import outersync, statesync
+    from byteswarm.node.sealing import Sealer
+    from byteswarm.optim.spsa import Snapshot
+
+    snap = statesync.snapshot_blob(Snapshot(40, torch.arange(N, dtype=torch.float32), 0.5,
+                                            {41: 1.0}))
+    outer = outersync.outer_blob({"round": 3, "phi": torch.ones(N),
+                                  "momentum": torch.zeros(N)})
+    sealer = Sealer(KEY, "s", CTX)
+    for t in (41, 42):
+        rec = Record(t, ME, t)
+        sealer.keep(rec, sealer.seal(rec), 0, 100)
+    return {"request": [msgpack.packb(["chunk", 40, 2]), msgpack.packb(["latest", 0, 0])],
+            "index": [statesync.make_index(40, snap)], "snapshot": [snap], "outer": [outer],
+            "log": [statesync.log_blob(42, {41: {ME: 1}, 42: {ME: -2}})],
+            "sealed": [sealer.log_blob(42, {41: {ME: 41}, 42: {ME: 42}})]}
+
+
+STATE = _state_seeds()
+
+
+@FUZZ
+@given(st.data())
+def test_state_download_decoders(data):
+    from byteswarm.node import outersync, statesync
+    from byteswarm.node.sealing import Sealer
+
+    sealer = Sealer(KEY, "s", CTX)
+    decoders = {"request": statesync.parse_request,
+                "index": lambda d: statesync.parse_index(d, None, 1 << 20),
+                "snapshot": lambda d: statesync.parse_snapshot(d, N),
+                "outer": lambda d: outersync.parse_outer(d, N),
+                "log": lambda d: statesync.parse_log(d, 40),
+                "sealed": lambda d: sealer.parse_log(d, 40)}
+    name = data.draw(st.sampled_from(sorted(decoders)))
+    bounded(decoders[name], data.draw(inputs(STATE[name])))

@@ -175,4 +175,5 @@ def test_a_late_diloco_joiner_takes_the_outer_state_its_donors_agree_on(launch, 
     # d starts where the swarm is, not from scratch (an untrained model: ~5.5 nats).
     rows, ref = by_step(d), by_step(a)
     first = min(t for t, r in rows.items() if "val_loss" in r and t in ref)
-    assert abs(rows[first]["val_loss"] - ref[first]["val_loss"]) < 0.1, (first, rows[first])
+    # (Not equal: the round it went live in may have missed parts of its all-reduce.)
+    assert abs(rows[first]["val_loss"] - ref[first]["val_loss"]) < 0.5, (first, rows[first])

@@ -71,10 +71,14 @@ def test_members_are_parsed_defensively():
                    "bad_progress": entry({"progress": -1, "client": False}, 20.0),
                    "float_progress": entry({"progress": 1.5, "client": False}, 20.0),
                    "no_dict": entry([1, 2], 20.0),
-                   "client": entry({"progress": 0, "client": True}, 20.0)}, 20.0)
+                   "client": entry({"progress": 0, "client": True}, 20.0),
+                   "syncing": entry({**ok, "syncing": True}, 20.0),
+                   "odd_syncing": entry({**ok, "syncing": "yes"}, 20.0)}, 20.0)
     got = parse_members(found, now=10.0)
-    assert sorted(got) == ["alive", "client"]
+    assert sorted(got) == ["alive", "client", "odd_syncing", "syncing"]
     assert got["alive"].progress == 3 and got["client"].client
+    assert got["syncing"].syncing and not got["odd_syncing"].syncing
+    assert not got["alive"].syncing
     assert parse_members(None, 0.0) == {} and parse_members(entry("str", 9.0), 0.0) == {}
     many = entry({f"p{i}": entry(ok, 20.0) for i in range(50)}, 20.0)
     assert len(parse_members(many, 10.0, limit=10)) == 10

@@ -42,9 +42,9 @@ def test_snapshot_bytes_are_deterministic_and_checked():
 
 def test_index_and_store():
     store = S.SnapshotStore()
-    for step in (5, 40, 80, 120):
+    for step in (5, 40, 80, 120, 160, 200):
         store.add(Snapshot(step, torch.full((S.CHUNK // 2,), float(step))))
-    assert sorted(store.blobs) == [80, 120]  # only served steps, the latest KEEP
+    assert sorted(store.blobs) == [80, 120, 160, 200]  # only served steps, the latest KEEP
     idx = S.parse_index(store.answer("index", 120, 0), 120, 1 << 24)
     chunks = [store.answer("chunk", 120, i) for i in range(len(idx["sha256"]))]
     assert len(chunks) == 3 and b"".join(chunks) == store.blobs[120]
@@ -64,7 +64,10 @@ def test_the_most_agreed_mark_is_chosen():
     m = lambda *pairs: Member(0, False, dict(pairs))
     members = {"me": m((40, fp("a"))), "x": m((40, fp("a")), (80, fp("b"))),
                "y": m((40, fp("a")), (80, fp("c"))), "z": m((35, fp("d")), (40, fp("a")))}
+    # 80 is later, but nobody else vouches for either fingerprint there
     assert S.choose_mark(members, "me") == (40, fp("a"), ["x", "y", "z"])
+    members["w"] = m((80, fp("c")), (120, fp("e")))
+    assert S.choose_mark(members, "me") == (80, fp("c"), ["w", "y"])  # the latest with two
     assert S.choose_mark(members, "me", among={"x"}) == (80, fp("b"), ["x"])
     assert S.choose_mark({"x": m((35, fp("d")))}, "me") is None  # not a served step
 
