@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hivemind import DHT
 from hivemind.p2p import PeerID
 from hivemind.utils.timed_storage import get_dht_time
-from test_node import by_step, launch, spsa_config  # noqa: F401  (launch is a fixture)
+from test_node import by_step, launch, outer_config, spsa_config  # noqa: F401  (launch is a fixture)
 
 
 async def as_member(maddr: str, swarm: str, seconds: float, act,
@@ -144,10 +144,8 @@ def hostile_noloco(maddr: str, swarm: str, seconds: float, inner_steps: int) -> 
 
 @pytest.mark.slow
 def test_noloco_nodes_drop_nan_and_poisoned_shares_and_learn(launch, tmp_path):  # noqa: F811
-    cfg = tmp_path / "noloco.toml"
-    cfg.write_text("[node]\nalgo = 'noloco'\nmin_peers = 3\n"
-                   "[noloco]\ninner_steps = 5\nwarmup = 5\nround_timeout = 3.0\n")
-    common = ["--config", str(cfg), "--steps", "100000", "--eval-every", "10"]
+    cfg = outer_config(tmp_path, "noloco", 3, 3.0)
+    common = ["--config", cfg, "--steps", "100000", "--eval-every", "10"]
     a = launch("a", *common)
     maddr = a.maddr()
     b = launch("b", *common, "--initial-peers", maddr)

@@ -128,6 +128,14 @@ def spsa_config(tmp_path: Path, **spsa) -> str:
     return str(path)
 
 
+def outer_config(tmp_path: Path, algo: str, min_peers: int, round_timeout: float) -> str:
+    """A NoLoCo or DiLoCo config for quick rounds: H = 5, warmup 5."""
+    path = tmp_path / f"{algo}.toml"
+    path.write_text(f"[node]\nalgo = '{algo}'\nmin_peers = {min_peers}\n[{algo}]\n"
+                    f"inner_steps = 5\nwarmup = 5\nround_timeout = {round_timeout}\n")
+    return str(path)
+
+
 def by_step(node: Node) -> dict[int, dict]:
     return {r["step"]: r for r in node.rows()}
 
@@ -198,10 +206,8 @@ def test_sigterm_checkpoints_tears_down_and_resumes_exactly(launch, tmp_path):
 
 @pytest.mark.slow
 def test_four_noloco_nodes_average_with_partners(launch, tmp_path):
-    cfg = tmp_path / "noloco.toml"
-    cfg.write_text("[node]\nalgo = 'noloco'\nmin_peers = 4\n"
-                   "[noloco]\ninner_steps = 5\nwarmup = 5\nround_timeout = 15.0\n")
-    common = ["--config", str(cfg), "--steps", "20", "--eval-every", "5"]
+    cfg = outer_config(tmp_path, "noloco", 4, 15.0)
+    common = ["--config", cfg, "--steps", "20", "--eval-every", "5"]
     a = launch("a", *common, "--shard", "0")
     maddr = a.maddr()
     others = [launch(n, *common, "--shard", str(k), "--initial-peers", maddr)
@@ -221,10 +227,8 @@ def test_four_noloco_nodes_average_with_partners(launch, tmp_path):
 
 @pytest.mark.slow
 def test_three_diloco_nodes_one_in_client_mode_share_the_outer_weights(launch, tmp_path):
-    cfg = tmp_path / "diloco.toml"
-    cfg.write_text("[node]\nalgo = 'diloco'\nmin_peers = 3\n"
-                   "[diloco]\ninner_steps = 5\nwarmup = 5\nround_timeout = 15.0\n")
-    common = ["--config", str(cfg), "--steps", "20", "--eval-every", "5"]
+    cfg = outer_config(tmp_path, "diloco", 3, 15.0)
+    common = ["--config", cfg, "--steps", "20", "--eval-every", "5"]
     a = launch("a", *common, "--shard", "0")
     maddr = a.maddr()
     b = launch("b", *common, "--shard", "1", "--initial-peers", maddr)

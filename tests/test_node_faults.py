@@ -15,7 +15,7 @@ from byteswarm.node.transport import read_frame, write_frame
 from byteswarm.optim.spsa import Record
 from byteswarm.protocols import wire
 from hivemind.p2p import P2P, PeerID
-from test_node import by_step, launch, spsa_config  # noqa: F401  (launch is a fixture)
+from test_node import by_step, launch, outer_config, spsa_config  # noqa: F401  (launch is a fixture)
 
 
 @pytest.mark.slow
@@ -149,10 +149,8 @@ def test_a_split_replica_is_found_by_its_marks_and_repaired(launch, tmp_path):  
 
 @pytest.mark.slow
 def test_a_late_diloco_joiner_takes_the_outer_state_its_donors_agree_on(launch, tmp_path):  # noqa: F811
-    cfg = tmp_path / "diloco.toml"
-    cfg.write_text("[node]\nalgo = 'diloco'\nmin_peers = 3\n"
-                   "[diloco]\ninner_steps = 5\nwarmup = 5\nround_timeout = 2.0\n")
-    common = ["--config", str(cfg), "--steps", "100000", "--eval-every", "25"]
+    cfg = outer_config(tmp_path, "diloco", 3, 2.0)
+    common = ["--config", cfg, "--steps", "100000", "--eval-every", "25"]
     a = launch("a", *common, "--shard", "0")
     maddr = a.maddr()
     others = [launch(n, *common, "--shard", str(k), "--initial-peers", maddr)
