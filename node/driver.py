@@ -54,7 +54,7 @@ from .transport import Member, Transport
 
 MAX_BUFFERED = 10_000  # messages held while we sync, before the algorithm takes them
 MAX_MARKS = 32  # our own SPSA marks kept for comparison
-SEALED_AHEAD = 64  # steps beyond the swarm's position whose sealed records we keep
+SEALED_AHEAD = 64  # steps beyond our position whose sealed records we keep
 STATE_REQUEST = b"byteswarm-state?"
 
 
@@ -205,10 +205,10 @@ class Driver:
         return type(msg).__name__
 
     def _keep_sealed(self, msg: Any, data: bytes) -> None:
-        """Keep a sealed SPSA record for the logs we serve, if its step is near ours."""
-        swarm_at = max((m.progress for m in self.members.values()), default=0)
+        """Keep a sealed SPSA record for the logs we serve, if its step is near ours (our
+        own position: the others' is only what they claim)."""
         self.sealer.keep(msg, data, self.poll.progress - HISTORY_STEPS,
-                         max(self.poll.progress, swarm_at) + SEALED_AHEAD)
+                         self.poll.progress + SEALED_AHEAD)
 
     async def deliver(self, sender: str, msg: Any) -> None:
         """A peer that talks to us is live, even before its heartbeat reaches our view of

@@ -18,9 +18,9 @@ with its reason (``bad_signature``, ``wrong_signer``, ``malformed``, …).
 
 The log. Each sealed SPSA record we send or accept is kept, keyed by (step, author), while
 its step lies within ``[low, high]`` (the driver passes our position minus the SPSA
-history and the swarm's position plus a margin), so a member cannot fill our memory with
-records for far steps; ``log_blob`` serves the kept envelopes of the records the
-algorithm holds since a step, and ``parse_log`` opens a donor's, checking each.
+history, and plus a margin), so a member cannot fill our memory with records for far
+steps; ``log_blob`` serves the kept envelopes of the records the algorithm holds since a
+step, and ``parse_log`` opens a donor's, checking each.
 """
 
 from __future__ import annotations
