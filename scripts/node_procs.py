@@ -1,9 +1,11 @@
 """Real node processes for scripts/bench_node.py: start one in its own process group, read
 its metrics, and measure what its p2pd put on TCP and the CPU its group used (Linux /proc
-and ``ss``). No byteswarm logic here, only process plumbing."""
+and ``ss``), write its config file and read its step rate. No byteswarm logic here, only
+process plumbing."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -16,6 +18,34 @@ from pathlib import Path
 from typing import Any
 
 EXE = shutil.which("byteswarm") or str(Path(sys.executable).with_name("byteswarm"))
+SWARM = "sim"  # the simulator's swarm name for NoLoCo/DiLoCo: same envelope bytes
+# Node flags shared by every run (tests/test_node.py's, with a longer peer TTL: eight
+# nodes and their DHT processes on two cores can miss a 4 s TTL while they start).
+COMMON = ["--max-bytes", "2000000", "--val-batches", "2", "--threads", "1",
+          "--heartbeat-period", "0.5", "--peer-ttl", "10", "--linger", "1",
+          "--checkpoint-every", "100000", "--swarm", SWARM]
+
+
+def config_toml(algo: str, cfg: Any) -> str:
+    """A node config file for ``cfg``: [node] algo and the fields that differ from the
+    defaults (SPSA's swarm is the node's own, so it is left to --swarm)."""
+    default = type(cfg)()
+    lines = [f"[node]\nalgo = {json.dumps(algo)}\n[{algo}]\n"]
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name != "swarm" and value != getattr(default, f.name):
+            lines.append(f"{f.name} = {json.dumps(value)}\n")
+    return "".join(lines)
+
+
+def steps_per_second(rows: list[dict[str, Any]], skip: int = 10) -> float:
+    """A node's training rate from its metrics rows: steps over seconds between row
+    ``skip`` and the one before the last (the last pays the final evaluation)."""
+    by_step = {r["step"]: r["seconds"] for r in rows}
+    last = max(by_step) - 1
+    if skip not in by_step or last not in by_step or last <= skip:
+        raise ValueError(f"need metrics rows for steps {skip} and {last}")
+    return (last - skip) / (by_step[last] - by_step[skip])
 
 
 class Node:

@@ -1,4 +1,5 @@
-"""scripts/bench_node.py's pure helpers: no node process is started, nothing is timed."""
+"""scripts/bench_node.py's (and node_procs.py's) pure helpers: no node process is started,
+nothing is timed."""
 
 from __future__ import annotations
 
@@ -44,11 +45,12 @@ def test_frames_follow_each_protocols_message_pattern(bench):
 
 
 def test_steps_per_second_leaves_out_start_and_last_row(bench):
+    procs = bench.sys.modules["node_procs"]  # loaded by bench_node from scripts/
     rows = [{"step": s, "seconds": 5.0 + 0.1 * s} for s in range(1, 51)]
     rows[-1]["seconds"] += 3.0  # the final evaluation
-    assert bench.steps_per_second(rows) == pytest.approx(10.0)
+    assert procs.steps_per_second(rows) == pytest.approx(10.0)
     with pytest.raises(ValueError):
-        bench.steps_per_second(rows[:10])
+        procs.steps_per_second(rows[:10])
 
 
 def test_long_ids_keep_the_order_and_weigh_an_spsa_record_as_a_node_does(bench):
