@@ -340,10 +340,10 @@ class Driver:
         chunks (outersync.py); if that fails, one donor's whole state."""
         for attempt in (0, 1):  # a snapshot gone by the time we ask: read marks again
             try:
-                return await self._download(donors)
+                if await self._download(donors):
+                    return
+                break  # an SPSA swarm younger than its first served snapshot
             except Rejected as e:
-                if e.reason == "no_marks":  # a swarm younger than its first snapshot
-                    break
                 self.rejects[e.reason] += 1
                 self.say(f"chunked download failed ({e.reason}: {e})")
                 if e.reason != "state_fetch_failed" or attempt:
@@ -352,7 +352,9 @@ class Driver:
         self.say("trying whole states")
         await self.sync_from(donors[:3])
 
-    async def _download(self, donors: list[str]) -> None:
+    async def _download(self, donors: list[str]) -> bool:
+        """The state in checked chunks from several donors; False if there is none to ask
+        for yet (no served SPSA snapshot); Rejected if the download failed."""
         if not isinstance(self.algo, SPSA):
             state, served, how = await outersync.download_outer(
                 self.transport, donors, self.ctx.numel, self.blame)
@@ -360,16 +362,17 @@ class Driver:
             self.say(f"synced from {len(served)} peer(s), outer state of round "
                      f"{state['round']} in checked chunks ({how}): now at step "
                      f"{self.poll.progress}")
-            return
+            return True
         mark = statesync.choose_mark(self.members, self.algo.peer_id, set(donors))
         if mark is None:
-            raise Rejected("no_marks", "no donor published a served snapshot yet")
+            return False
         state, served = await statesync.download(
             self.transport, mark, self.ctx.numel, self.blame,
             statesync.parse_log if self.sealer is None else self.sealer.parse_log)
         await self.act(A.load_sync_state, self.algo, state)
         self.say(f"synced from {len(served)} peer(s), snapshot of step {mark[0]} in "
                  f"checked chunks: now at step {self.poll.progress}")
+        return True
 
     async def go_live(self) -> None:
         if self.transport.beat_extra.pop("syncing", None):

@@ -44,7 +44,8 @@ def outer_blob(state: dict[str, Any]) -> bytes:
 
 
 def parse_outer(blob: bytes, numel: int) -> dict[str, Any]:
-    """An outer state as ``algos.load_sync_state`` takes it (which checks finiteness)."""
+    """An outer state as ``algos.load_sync_state`` takes it; Rejected if malformed or not
+    finite (as statesync.parse_snapshot)."""
     try:
         round_, second, phi, other = msgpack.unpackb(blob)
     except Exception:  # msgpack's own errors, or the wrong shape of list
@@ -52,8 +53,11 @@ def parse_outer(blob: bytes, numel: int) -> dict[str, Any]:
     if not (type(round_) is int and 0 <= round_ < 1 << 62 and second in SECONDS
             and all(isinstance(v, bytes) and len(v) == 4 * numel for v in (phi, other))):
         raise Rejected("bad_state", "outer state fields out of range")
-    vec = lambda b: torch.frombuffer(bytearray(b), dtype=torch.float32)
-    return {"round": round_, "phi": vec(phi), second: vec(other)}
+    state = {"round": round_, "phi": torch.frombuffer(bytearray(phi), dtype=torch.float32),
+             second: torch.frombuffer(bytearray(other), dtype=torch.float32)}
+    if not all(bool(torch.isfinite(state[k]).all()) for k in ("phi", second)):
+        raise Rejected("bad_state", "outer state is not finite")
+    return state
 
 
 def median_state(states: list[dict[str, Any]]) -> dict[str, Any]:
@@ -94,16 +98,14 @@ async def download_outer(tr: Transport, donors: list[str], numel: int,
         return parse_outer(blob, numel), sorted(served), f"{n} identical"
     states = []
     for peer in sorted(at)[:MEDIAN_OF]:
-        try:
+        try:  # fetch_blob blames a peer for each chunk it fails
             blob = await fetch_blob(tr, [peer], round_, at[peer][1], blame, served)
-            state = parse_outer(blob, numel)
         except Rejected:
             continue
-        if not all(bool(torch.isfinite(v).all()) for v in state.values()
-                   if isinstance(v, torch.Tensor)):
+        try:
+            states.append(parse_outer(blob, numel))
+        except Rejected:  # the chunks matched its own index: the donor sent junk
             blame[peer] += 1
-            continue
-        states.append(state)
     if not states:
         raise Rejected("bad_state", f"no donor sent its outer state of round {round_}")
     return median_state(states), sorted(served), f"median of {len(states)}"

@@ -15,6 +15,7 @@ read the same bytes (SPSA spot checks recompute each other's records) pins its c
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import platform
 import re
@@ -46,9 +47,11 @@ class DataConfig:
                         "instead of an IID deal of blocks")
 
 
+@functools.lru_cache(maxsize=4)
 def stdlib_pin(cfg: DataConfig) -> str:
     """``stdlib-<python version>:sha256:<hex>`` of this machine's embedded corpus, as
-    ``cfg`` (its size limit and split) loads it."""
+    ``cfg`` (its size limit and split) loads it. Cached: ``swarm create`` pins and then
+    checks the same corpus."""
     c = Corpus.load(dataclasses.replace(cfg, data="stdlib"))
     h = hashlib.sha256()
     for part in (c.train, c.val):

@@ -79,7 +79,7 @@ from byteswarm.optim.noloco import NoLoCoConfig
 from byteswarm.optim.spsa import SPSAConfig
 from byteswarm.optim.workload import load_workload
 from byteswarm.sim.analytic import model_numels, run_analytic
-from byteswarm.sim.runner import SimConfig, run_algorithm
+from byteswarm.sim.runner import PEER_ID_CHARS, SimConfig, run_algorithm
 from byteswarm.sim.scenario import load_scenario
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or loaded by path
@@ -93,7 +93,6 @@ from node_procs import (  # noqa: E402
 from node_throughput import measure_throughput  # noqa: E402
 
 HEADER = 8  # node/transport.py: a frame's big-endian length
-PEER_ID_CHARS = 52  # a libp2p id of an Ed25519 key, base58: 12D3KooW + 44
 SCENARIO = "datacenter"
 
 
