@@ -18,84 +18,57 @@ Time. The algorithm's clock is ``time.monotonic()`` everywhere (deadlines are du
 from ``now``; a wall-clock jump must not fire or starve them). Only DHT expirations use
 hivemind's ``get_dht_time()``, in transport.py.
 
-Splits (SPSA). A record that reaches some peers but not others before its step is final
-splits the replicas for good. Every peer therefore publishes, with its heartbeat, the
-fingerprints of θ at its latest final steps that are multiples of ``MARK_EVERY``; a peer
-whose fingerprint at a step is outvoted by another one (more peers, see
-``algos.outvoted``) downloads the state of a peer in the majority between two steps,
-exactly as a joiner does, keeping the records it holds. Two peers alone cannot tell who
-split; they only count the disagreement.
+Catching up. A joiner, and a replica found split from the others (protocols/splits.py),
+feed the catch-up machine (protocols/catchup.py) with the verified members and carry its
+requests; what we serve others is node/donor.py's. Messages that arrive meanwhile wait
+in a buffer and are delivered, in order, once the state is in.
 
 Untrusted input. A frame that does not decode, or a message whose ``peer`` field names
 someone other than the authenticated sender, is counted under its reason and dropped. With
 signing on (public swarms, node/sealing.py) every frame must also be sealed by the
-sender's key, and the SPSA record logs served to joiners are lists of sealed records.
+sender's key. Who may take part or ask for our state is node/gate.py's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 from byteswarm.optim.sansio import EVERYONE, Algorithm, Rejected, Send
-from byteswarm.optim.spsa import HISTORY_STEPS, SPSA, Record
-from byteswarm.protocols import wire
+from byteswarm.optim.seeds import derive_seed
+from byteswarm.optim.spsa import Record
+from byteswarm.protocols import catchup, wire
+from byteswarm.protocols import state as P
+from byteswarm.protocols.splits import Marks
 
-from . import algos as A
-from . import outersync, report, statesync
-from .sealing import Sealer
+from . import report
+from .donor import Donor
+from .frames import Frames
+from .gate import Gate
+from .plan import Plan, Poll
 from .transport import Member, Transport
 
 MAX_BUFFERED = 10_000  # messages held while we sync, before the algorithm takes them
-MAX_MARKS = 32  # our own SPSA marks kept for comparison
-SEALED_AHEAD = 64  # steps beyond our position whose sealed records we keep
-STATE_REQUEST = b"byteswarm-state?"
-
-
-@dataclass
-class Poll:
-    """What the loop needs to know after any call into the algorithm."""
-
-    can_step: bool = True
-    deadline: float | None = None
-    progress: int = 0
-    mark: tuple[int, str] | None = None
-    outbox: list[Send] = field(default_factory=list)
-
-
-@dataclass(frozen=True, kw_only=True)
-class Plan:
-    swarm: str
-    steps: int  # stop when the swarm position reaches this (0: never)
-    min_peers: int
-    start_timeout: float
-    eval_every: int
-    checkpoint_every: int
-    peer_ttl: float
-    sync: bool
-    linger: float
-    announce_wait: float  # before a state download: let the others see our heartbeat
-    withhold_record: int = -1  # testing: our record of this step goes to one peer only
-    needs_weights: bool = False  # we lack the swarm's initial weights: only a sync will do
-    joining: bool = False  # we were given initial peers: wait to see one of them
 
 
 class Driver:
     def __init__(self, algo: Algorithm, plan: Plan, *, numel: int,
                  log_row: Callable[[dict[str, Any]], None],
                  checkpoint: Callable[[dict[str, Any]], Awaitable[None]],
-                 say: Callable[[str], None], seconds_before: float = 0.0):
+                 say: Callable[[str], None], seconds_before: float = 0.0,
+                 admit: Callable[[str, bytes | None], bool] | None = None):
+        """``admit(peer, token)``: a public swarm's admission rule (None: open)."""
         self.algo, self.plan = algo, plan
         self.ctx = wire.Context(numel=numel)
         self.log_row, self.checkpoint, self.say = log_row, checkpoint, say
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="algo")
-        self.poll = Poll(progress=A.progress(algo))
+        self.poll = Poll(progress=algo.position())
         self.kick = asyncio.Event()
         self.transport: Transport | None = None
         self.peers: frozenset[str] = frozenset({algo.peer_id})
@@ -111,17 +84,16 @@ class Driver:
         self.compute_seconds = 0.0
         self.val_loss: float | None = None
         self.last_loss: float | None = None
-        self.marks: dict[int, str] = {}  # our SPSA marks: final step -> fingerprint
+        self.splits = Marks()  # our SPSA marks, to find a split
         self.resync_from: list[str] = []  # a split was found: copy one of these
         self.last_resync = -math.inf
         self.resyncs = 0
-        self.store = statesync.SnapshotStore()  # what we serve joiners (SPSA)
+        self.donor = Donor(algo, self.act, lambda: self.frames.sealer)  # what we serve joiners
+        self._copied: int | None = None  # the last served tag copied (worker thread only)
         self.blame: Counter[str] = Counter()  # donors that sent junk or failed us
-        # A public swarm's admission rule: (peer id, its published token) -> may it take
-        # part? None: everyone may. Verdicts are cached per (peer, token).
-        self.admit: Callable[[str, bytes | None], bool] | None = None
-        self.verdicts: dict[tuple[str, bytes | None], bool] = {}
-        self.sealer: Sealer | None = None  # signing on: every frame sealed (sealing.py)
+        self.catchups: list[dict[str, Any]] = []  # each catch-up's stats()
+        self.gate = Gate(algo.peer_id, admit)
+        self.frames = Frames(plan.swarm, self.ctx)  # set .sealer to sign (sealing.py)
         self.last_wait = 0.0  # seconds the last step waited for its step or round to close
         self.last_said = (self.t0, self.poll.progress)  # (time, step) of the last line
 
@@ -133,32 +105,29 @@ class Driver:
     def _call(self, fn: Callable[..., Any] | None, args: tuple) -> tuple[Any, Poll]:
         res = fn(*args) if fn is not None else None
         a = self.algo
-        if isinstance(a, SPSA):
-            self.store.add(a.snap)
-        else:
-            self.store.add_outer(a.round, lambda: outersync.outer_blob(a.export_state()))
+        tag = a.served_tag()
+        served = None
+        if tag is not None and tag != self._copied:  # a copy now; bytes and hashes later
+            self._copied = tag
+            served = (tag, a.served_state())
         return res, Poll(can_step=a.can_step(), deadline=a.next_deadline(),
-                         progress=A.progress(a), outbox=a.outbox(), mark=A.mark(a))
+                         progress=a.position(), outbox=a.outbox(), mark=a.mark(),
+                         served=served)
 
     async def act(self, fn: Callable[..., Any] | None, *args: Any) -> Any:
         loop = asyncio.get_running_loop()
         res, poll = await loop.run_in_executor(self.pool, self._call, fn, args)
         self.poll = poll
-        if poll.mark is not None and poll.mark[0] not in self.marks:
-            self.marks[poll.mark[0]] = poll.mark[1]
-            for old in sorted(self.marks)[:-MAX_MARKS]:
-                del self.marks[old]
+        self.splits.add(poll.mark)
         for send in poll.outbox:
             self._carry(send)
+        if poll.served is not None:
+            self.donor.offer(*poll.served)
         self.kick.set()
         return res
 
     def _carry(self, send: Send) -> None:
-        if self.sealer is not None:
-            data = self.sealer.seal(send.msg)
-            self._keep_sealed(send.msg, data)
-        else:
-            data = wire.encode(send.msg, swarm=self.plan.swarm)
+        data = self.frames.encode(send.msg, self.poll.progress)
         kind = type(send.msg).__name__
         targets = (self.peers | self.listeners) if send.to == EVERYONE else {send.to}
         if isinstance(send.msg, Record) and send.msg.step == self.plan.withhold_record:
@@ -167,30 +136,23 @@ class Driver:
             self.transport.send(peer, data, kind)
 
     # -- transport callbacks
-    def admitted(self, peer: str, token: bytes | None) -> bool:
-        if self.admit is None or peer == self.algo.peer_id:
-            return True
-        if (peer, token) not in self.verdicts:
-            if len(self.verdicts) > MAX_BUFFERED:
-                self.verdicts.clear()
-            self.verdicts[peer, token] = self.admit(peer, token)
-        return self.verdicts[peer, token]
+    def may_ask(self, peer: str) -> bool:
+        """Only members of our view (or peers streaming to us) are served state."""
+        return peer in self.members or peer in self.peers or peer in self.listeners
+
+    def may_author(self, peer: str) -> bool:
+        m = self.members.get(peer)
+        return self.gate.may_author(peer, None if m is None else m.token, self.algo.banned)
 
     async def on_frame(self, sender: str, data: bytes) -> str:
         if not data:
             return "hello"
         m = self.members.get(sender)
-        if not self.admitted(sender, None if m is None else m.token):
+        if not self.gate.admitted(sender, None if m is None else m.token):
             self.rejects["not_admitted"] += 1
             return "rejected"
         try:
-            if self.sealer is not None:  # its signer must be the sender
-                msg = self.sealer.open(data, sender)
-                self._keep_sealed(msg, data)
-            else:
-                msg = wire.decode(data, swarm=self.plan.swarm, ctx=self.ctx)
-                if getattr(msg, "peer", sender) != sender:  # e.g. another's SPSA record
-                    raise Rejected("spoofed_peer", f"{sender} sent {msg.peer}'s message")
+            msg = self.frames.decode(data, sender, self.poll.progress)
         except Rejected as e:
             self.rejects[e.reason] += 1
             return "rejected"
@@ -203,12 +165,6 @@ class Driver:
         else:
             await self.deliver(sender, msg)
         return type(msg).__name__
-
-    def _keep_sealed(self, msg: Any, data: bytes) -> None:
-        """Keep a sealed SPSA record for the logs we serve, if its step is near ours (our
-        own position: the others' is only what they claim)."""
-        self.sealer.keep(msg, data, self.poll.progress - HISTORY_STEPS,
-                         self.poll.progress + SEALED_AHEAD)
 
     async def deliver(self, sender: str, msg: Any) -> None:
         """A peer that talks to us is live, even before its heartbeat reaches our view of
@@ -224,7 +180,7 @@ class Driver:
         self.algo.on_message(sender, msg, now)
 
     async def on_members(self, members: dict[str, Member]) -> None:
-        members = {p: m for p, m in members.items() if self.admitted(p, m.token)}
+        members = {p: m for p, m in members.items() if self.gate.admitted(p, m.token)}
         self.members = members
         now = self.now()
         self.heard = {p: t for p, t in self.heard.items() if now - t < self.plan.peer_ttl}
@@ -234,7 +190,7 @@ class Driver:
         # and its first records too late for anyone but itself: a split.)
         self.listeners = frozenset(
             p for p, m in members.items()
-            if m.syncing and p != self.algo.peer_id and not isinstance(self.algo, SPSA))
+            if m.syncing and p != self.algo.peer_id and not self.algo.waits_for_syncing)
         live = ((frozenset(members) - self.listeners) | frozenset(self.heard)
                 | {self.algo.peer_id})
         if live != self.peers:
@@ -242,36 +198,16 @@ class Driver:
             if self.ready:
                 await self.act(self.algo.on_peers, live, now)
         if self.ready and not self.resync_from and now - self.last_resync > 2 * self.plan.peer_ttl:
-            donors = A.outvoted(self.marks, members, self.algo.peer_id)
+            donors = self.splits.outvoted({p: m.marks for p, m in members.items()},
+                                          self.algo.peer_id)
             if donors:
                 self.resync_from = donors
                 self.say(f"our replica split from {len(donors)} peer(s): resyncing")
         self.kick.set()
 
     def recent_marks(self) -> dict[int, str]:
-        """What our heartbeat publishes: the latest few marks (heartbeats of different
-        peers come at different steps, so one mark each would rarely meet), and those of
-        the snapshots we serve, so that a joiner finds several donors of one snapshot."""
-        steps = sorted(self.marks)[-A.MARKS_PUBLISHED:] + sorted(self.store.blobs)
-        return {t: self.marks[t] for t in sorted(set(steps)) if t in self.marks}
-
-    async def serve_state(self, request: bytes) -> bytes:
-        """A donor's whole state (``sync_from``)."""
-        if request != STATE_REQUEST:
-            raise Rejected("bad_request", "not a state request")
-        state = await self.act(A.sync_state, self.algo)
-        return await asyncio.get_running_loop().run_in_executor(None, A.dumps, state)
-
-    async def serve_snap(self, request: bytes) -> bytes:
-        """An index, a chunk or the record log of a served SPSA snapshot (statesync.py),
-        or of our outer state at a round (outersync.py)."""
-        op, step, index = statesync.parse_request(request)
-        if op == "log":
-            if not isinstance(self.algo, SPSA):
-                return b""
-            blob = statesync.log_blob if self.sealer is None else self.sealer.log_blob
-            return await self.act(lambda: blob(self.algo.closed, self.algo.log_since(step)))
-        return await self.act(self.store.answer, op, step, index)
+        """What our heartbeat publishes (protocols/splits.py)."""
+        return self.splits.published(self.donor.store.blobs)
 
     # -- waiting
     async def wait_until(self, cond: Callable[[], bool], *, abort_on_stop: bool,
@@ -309,8 +245,7 @@ class Driver:
         # not reach the swarm yet); one that starts a swarm waits for min_peers.
         need = max(p.min_peers, 2 if p.joining else 1)
         self.say(f"waiting for {need} peer(s) in swarm {p.swarm!r}")
-        running = lambda: any(A.needs_sync(self.algo, self.poll.progress, m.progress)
-                              for m in self.members.values())
+        running = lambda: any(self.algo.behind(m.progress) for m in self.members.values())
         ok = await self.wait_until(lambda: len(self.members) >= need or running(),
                                    abort_on_stop=True, timeout=p.start_timeout)
         if not ok:
@@ -324,9 +259,8 @@ class Driver:
             self.transport.beat_extra["syncing"] = True
             self.transport.beat_soon()
             await asyncio.sleep(p.announce_wait)
-            donors = sorted((m.progress, peer) for peer, m in self.members.items()
-                            if A.needs_sync(self.algo, self.poll.progress, m.progress))
-            await self.catch_up([peer for _, peer in reversed(donors)])
+            await self.catch_up([peer for peer, m in self.members.items()
+                                 if self.algo.behind(m.progress)])
         elif need > 1:
             # A new swarm: the others see the quorum a heartbeat or two after us. Starting
             # at once would put us a round ahead of a peer that has not seen it yet.
@@ -334,45 +268,59 @@ class Driver:
         await self.go_live()
         return None
 
-    async def catch_up(self, donors: list[str]) -> None:
-        """SPSA: a marked snapshot from several of ``donors`` in checked chunks, then the
-        records since; NoLoCo/DiLoCo: the outer state several donors hold, in checked
-        chunks (outersync.py); if that fails, one donor's whole state."""
-        for attempt in (0, 1):  # a snapshot gone by the time we ask: read marks again
-            try:
-                if await self._download(donors):
-                    return
-                break  # an SPSA swarm younger than its first served snapshot
-            except Rejected as e:
-                self.rejects[e.reason] += 1
-                self.say(f"chunked download failed ({e.reason}: {e})")
-                if e.reason != "state_fetch_failed" or attempt:
-                    break
-                await asyncio.sleep(self.plan.announce_wait)
-        self.say("trying whole states")
-        await self.sync_from(donors[:3])
-
-    async def _download(self, donors: list[str]) -> bool:
-        """The state in checked chunks from several donors; False if there is none to ask
-        for yet (no served SPSA snapshot); Rejected if the download failed."""
-        if not isinstance(self.algo, SPSA):
-            state, served, how = await outersync.download_outer(
-                self.transport, donors, self.ctx.numel, self.blame)
-            await self.act(A.load_sync_state, self.algo, state)
-            self.say(f"synced from {len(served)} peer(s), outer state of round "
-                     f"{state['round']} in checked chunks ({how}): now at step "
-                     f"{self.poll.progress}")
-            return True
-        mark = statesync.choose_mark(self.members, self.algo.peer_id, set(donors))
-        if mark is None:
+    async def catch_up(self, donors: list[str]) -> bool:
+        """Take the state of the swarm from ``donors`` (members ahead of us, or the majority
+        of a split) through the catch-up machine (protocols/catchup.py): we carry its
+        requests over our streams and keep its time."""
+        chosen = set(donors)
+        m = catchup.CatchUp(catchup.CatchUpConfig(), algo=self.algo, numel=self.algo.numel,
+                            seed=derive_seed("catchup", self.algo.peer_id, self.resyncs),
+                            read_log=P.parse_log if self.frames.sealer is None
+                            else self.frames.sealer.parse_log)
+        give_up, got = self.now() + 4 * m.cfg.timeout, 0
+        asking: set[asyncio.Task] = set()
+        while not m.done and self.signals < 2 and self.now() < give_up:
+            m.on_view({p: catchup.Candidate(mb.progress, mb.marks)
+                       for p, mb in self.members.items() if p in chosen}, self.now())
+            for r in m.requests():
+                task = asyncio.ensure_future(self._ask(m, r))
+                asking.add(task)
+                task.add_done_callback(asking.discard)
+            due = m.next_deadline()
+            self.kick.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.kick.wait(), max(0.0, min(
+                    give_up, due if due is not None else give_up) - self.now()))
+            if due is not None and self.now() >= due:
+                m.on_timer(self.now())
+            if m.bytes_in > got:  # bytes keep coming: a big state takes its time
+                give_up, got = self.now() + 4 * m.cfg.timeout, m.bytes_in
+        for task in asking:
+            task.cancel()
+        self.blame.update(m.blame)
+        self.catchups.append(m.stats())
+        if m.phase != catchup.DONE:
+            self.rejects[m.reason or "catch_up_timeout"] += 1
+            self.say(f"could not catch up ({m.reason or 'timed out'}); keeping our own state")
             return False
-        state, served = await statesync.download(
-            self.transport, mark, self.ctx.numel, self.blame,
-            statesync.parse_log if self.sealer is None else self.sealer.parse_log)
-        await self.act(A.load_sync_state, self.algo, state)
-        self.say(f"synced from {len(served)} peer(s), snapshot of step {mark[0]} in "
-                 f"checked chunks: now at step {self.poll.progress}")
+        try:
+            await self.act(self.algo.import_state, m.result)
+        except Rejected as e:
+            self.rejects[e.reason] += 1
+            self.say(f"the state we downloaded does not fit ({e}); keeping our own")
+            return False
+        self.say(f"synced from {len(m.served_by)} peer(s) ({m.how}, "
+                 f"{m.bytes_in / 1e6:.1f} MB): now at step {self.poll.progress}")
         return True
+
+    async def _ask(self, m: catchup.CatchUp, r: catchup.Request) -> None:
+        try:
+            reply = await self.transport.request(r.peer, r.service, r.data, r.limit,
+                                                 m.cfg.timeout)
+        except Exception:  # gone, slow, refused or oversized: the machine tries another
+            reply = None
+        m.on_reply(r.id, reply, self.now())
+        self.kick.set()
 
     async def go_live(self) -> None:
         if self.transport.beat_extra.pop("syncing", None):
@@ -384,33 +332,14 @@ class Driver:
             await self.deliver(sender, msg)
 
     async def resync(self) -> None:
-        """Copy a peer of the majority after a split (see the module docstring)."""
+        """Catch up with the peers of the majority after a split (protocols/splits.py)."""
         donors, self.resync_from = self.resync_from, []
         self.ready = False  # what arrives meanwhile waits, as for a joiner
-        await self.catch_up(donors)
-        self.marks.clear()  # ours were of the split replica
-        self.resyncs += 1
+        if await self.catch_up(donors):
+            self.splits.clear()  # ours were of the split replica
+            self.resyncs += 1
         self.last_resync = self.now()
         await self.go_live()
-
-    async def sync_from(self, donors: list[str]) -> None:
-        """Download a donor's state, trying each of ``donors`` in turn."""
-        for peer in donors:
-            try:
-                blob = await self.transport.request(peer, "state", STATE_REQUEST,
-                                                    A.state_limit(self.ctx.numel), 60.0)
-                state = A.loads(blob)
-                await self.act(A.load_sync_state, self.algo, state)
-            except Rejected as e:
-                self.rejects[e.reason] += 1
-                continue
-            except Exception as e:  # a donor that vanished or timed out: try the next
-                self.rejects["state_fetch_failed"] += 1
-                self.say(f"state download from {peer[-8:]} failed: {type(e).__name__}")
-                continue
-            self.say(f"synced from {peer[-8:]}: now at step {self.poll.progress}")
-            return
-        self.say("could not download state from any peer; keeping our own")
 
     # -- the loop
     async def run(self) -> str:
@@ -463,7 +392,7 @@ class Driver:
         return self.seconds_before + self.now() - self.t0
 
     async def save(self) -> None:
-        state = await self.act(A.full_state, self.algo)
+        state = await self.act(self.algo.state_dict)
         await self.checkpoint({"state": state, "seconds": self.seconds(),
                                "sent": dict(self.transport.sent),
                                "received": dict(self.transport.received)})

@@ -35,13 +35,13 @@ from byteswarm.optim.data import DataConfig
 from byteswarm.optim.files import MetricsLog, load_checkpoint, save_checkpoint, save_json
 from byteswarm.optim.model import ModelConfig
 from byteswarm.optim.workload import ALGOS, load_workload, read_weights
+from byteswarm.protocols import state as P
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import algos as A
-from . import statesync
-from .driver import STATE_REQUEST, Driver, Plan
+from .driver import Driver, Plan
 from .identity import ensure_identity, load_identity
-from .procs import start_dht, stop_dht
+from .procs import start_dht, start_reaper, stop_dht
 from .sealing import Sealer
 from .settings import LISTS, NodeConfig, join_lists
 from .transport import Transport
@@ -132,6 +132,7 @@ def launch(node: NodeConfig, out: Path, configure: Configure, *, fresh: bool,
         signal.signal(s, lambda signum, _f: pending.append(signum))
     # Fork the DHT process before torch starts threads of its own.
     dht = start_dht(node, str(key_path))
+    start_reaper()  # p2pd and the DHT process die with us, even after a kill -9
     try:
         if pending:
             return 128 + pending[0]
@@ -149,9 +150,10 @@ def launch(node: NodeConfig, out: Path, configure: Configure, *, fresh: bool,
         for maddr in dht.get_visible_maddrs():
             say(f"listening on {maddr}")
         say(f"peer id {peer_id}")
-        key = load_identity(key_path) if node.sign else None
+        identity = load_identity(key_path)  # signs our DHT heartbeats, and frames if --sign
         return asyncio.run(serve(node, mcfg, dcfg, acfg, dht, peer_id, out, configs, ckpt,
-                                 pending, quiet=quiet, public=public, key=key))
+                                 pending, quiet=quiet, public=public, identity=identity,
+                                 key=identity if node.sign else None))
     finally:
         stop_dht(dht)
 
@@ -159,7 +161,7 @@ def launch(node: NodeConfig, out: Path, configure: Configure, *, fresh: bool,
 async def serve(node: NodeConfig, mcfg: ModelConfig, dcfg: DataConfig, acfg: Any, dht: Any,
                 peer_id: str, out: Path, configs: dict, ckpt: dict | None,
                 pending: list[int], *, quiet: bool, public: Public | None = None,
-                key: Ed25519PrivateKey | None = None) -> int:
+                key: Ed25519PrivateKey | None = None, identity: Ed25519PrivateKey) -> int:
     loop = asyncio.get_running_loop()
     init = None
     if public is not None and public.weights is not None:
@@ -171,8 +173,8 @@ async def serve(node: NodeConfig, mcfg: ModelConfig, dcfg: DataConfig, acfg: Any
     if getattr(acfg, "spot_check_rate", 0) > 0:
         algo.shard_of = A.public_shards(w, node.num_shards)
     if ckpt is not None:
-        A.load_full_state(algo, ckpt["state"])
-    await loop.run_in_executor(None, A.warm_up, algo)
+        algo.load_state_dict(ckpt["state"])
+    await loop.run_in_executor(None, algo.warm_up)
     numel = int(sum(p.numel() for p in algo.model.parameters() if p.requires_grad))
     plan = Plan(swarm=node.swarm, steps=node.steps, min_peers=node.min_peers,
                 start_timeout=node.start_timeout, eval_every=node.eval_every,
@@ -181,7 +183,7 @@ async def serve(node: NodeConfig, mcfg: ModelConfig, dcfg: DataConfig, acfg: Any
                 announce_wait=2 * node.heartbeat_period,
                 withhold_record=node.withhold_record, joining=bool(node.initial_peers),
                 needs_weights=public is not None and public.needs_weights and ckpt is None)
-    start = A.progress(algo)
+    start = algo.position()
     log = MetricsLog(out / "metrics.jsonl", resume_step=start if ckpt is not None else None)
 
     async def checkpoint(payload: dict) -> None:
@@ -191,24 +193,26 @@ async def serve(node: NodeConfig, mcfg: ModelConfig, dcfg: DataConfig, acfg: Any
 
     driver = Driver(algo, plan, numel=numel, log_row=log.write, checkpoint=checkpoint,
                     say=(lambda s: None) if quiet else say,
-                    seconds_before=float(ckpt["seconds"]) if ckpt else 0.0)
+                    seconds_before=float(ckpt["seconds"]) if ckpt else 0.0,
+                    admit=public.admit if public is not None else None)
     tr = Transport(dht, node.swarm, peer_id, client_mode=node.client_mode,
                    frame_limit=A.frame_limit(numel), heartbeat_period=node.heartbeat_period,
                    peer_ttl=node.peer_ttl, on_frame=driver.on_frame,
                    on_members=driver.on_members, progress=lambda: driver.poll.progress,
-                   marks=driver.recent_marks)
+                   marks=driver.recent_marks, identity=identity,
+                   may_ask=driver.may_ask)
     if public is not None:
         tr.publish[public.manifest_key] = public.manifest  # so it outlives its creator
         if public.token is not None:
             tr.beat_extra["token"] = public.token
-        driver.admit = public.admit
-    tr.add_service("state", driver.serve_state, len(STATE_REQUEST))
-    tr.add_service("snap", driver.serve_snap, statesync.REQUEST_LIMIT)
+    tr.add_service("state", driver.donor.serve_state, P.REQUEST_LIMIT)
+    tr.add_service("snap", driver.donor.serve_snap, P.REQUEST_LIMIT)
     if ckpt is not None:
         tr.sent.update(ckpt.get("sent", {}))
         tr.received.update(ckpt.get("received", {}))
     if key is not None:
-        driver.sealer = Sealer(key, node.swarm, driver.ctx)
+        driver.frames.sealer = Sealer(key, node.swarm, driver.ctx,
+                                      may_author=driver.may_author)
     driver.transport = tr
     for s in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(s, driver.stop)

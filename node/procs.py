@@ -3,25 +3,33 @@
 hivemind leaves both running when the main process dies by a signal, so the node stops
 them itself: a polite DHT shutdown (which stops p2pd), then SIGTERM and SIGKILL for any
 descendant that outlived it. The list of descendants is read from /proc *before* the
-shutdown, because a p2pd whose parent died is re-parented and no longer looks like ours.
+shutdown, because a p2pd whose parent died is re-parented and no longer looks like ours;
+each is listed with its start time, so a pid that was recycled in the meantime is not
+signalled (node/reaper.py).
+
+A node killed with SIGKILL runs none of that, so ``start_reaper`` (called once the DHT is
+up) launches a small watcher process that does it instead when the node is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import time
-from pathlib import Path
+import subprocess
 
 from hivemind import DHT
 
+from .dhtrecords import SwarmRecords
+from .reaper import Proc, alive, descendants, terminate
+from .reaper import start as launch_reaper
 from .settings import NodeConfig
 
 
 def start_dht(node: NodeConfig, identity_path: str) -> DHT:
-    """A DHT process (and its p2pd) with our identity, listening where asked."""
+    """A DHT process (and its p2pd) with our identity, listening where asked, that stores
+    and believes only records valid under our swarm's rules (node/dhtrecords.py)."""
     kwargs = {"identity_path": identity_path, "host_maddrs": node.maddrs("host_maddrs"),
+              "record_validators": [SwarmRecords(node.swarm)],
               # hivemind's "is this identity taken" probe reads RSA keys only; our key is
               # Ed25519, and a clash surfaces anyway as the other peer's error.
               "check_if_identity_free": False}
@@ -31,43 +39,38 @@ def start_dht(node: NodeConfig, identity_path: str) -> DHT:
                client_mode=node.client_mode, **kwargs)
 
 
-def descendants(pid: int) -> list[int]:
-    """Every live process under ``pid`` (Linux /proc; elsewhere: none found)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
+_reaper: subprocess.Popen | None = None  # this process's reaper, once started
 
 
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
+def start_reaper() -> None:
+    """Make sure our helpers die with us, even by SIGKILL: launch a reaper process (once)
+    that stops them when this process is gone. Call it after start_dht, so the DHT
+    process and its p2pd are known to the reaper from its first moment."""
+    global _reaper
+    if _reaper is None or _reaper.poll() is not None:
+        _reaper = launch_reaper()
 
 
 def stop_dht(dht: DHT, grace: float = 3.0) -> None:
-    helpers = descendants(os.getpid())
+    """Shut the DHT down politely, then stop any helper that outlived it; the reaper last,
+    so that a kill during this still leaves it to finish the job."""
+    watcher = _reaper.pid if _reaper is not None else None
+    helpers: list[Proc] = [p for p in descendants(os.getpid()) if p.pid != watcher]
     with contextlib.suppress(Exception):
         dht.shutdown()
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        left = [p for p in helpers if alive(p)]
-        if not left:
-            break
-        for p in left:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(p, sig)
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(alive(p) for p in left):
-            time.sleep(0.05)
+    terminate([p for p in helpers if alive(p)], grace)
+    _stop_reaper(grace)
     with contextlib.suppress(ChildProcessError):
         while os.waitpid(-1, os.WNOHANG)[0] > 0:  # reap what was ours
             pass
+
+
+def _stop_reaper(grace: float) -> None:
+    global _reaper
+    if _reaper is None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        _reaper.terminate()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        _reaper.wait(grace)
+    _reaper = None

@@ -61,8 +61,8 @@ def summary(d: Driver) -> dict[str, Any]:
             "idle_fraction": round(idle / total, 4),
             "sync_seconds_mean": round(idle / (steps / rounds), 4),
             "rejects": {**dict(d.rejects), **stats.get("rejects", {})},
-            "resyncs": d.resyncs, "donor_blame": dict(d.blame),
-            **({"sealing": d.sealer.stats()} if d.sealer is not None else {}),
+            "resyncs": d.resyncs, "donor_blame": dict(d.blame), "catch_ups": d.catchups,
+            **({"sealing": d.frames.sealer.stats()} if d.frames.sealer is not None else {}),
             "transport_events": dict(tr.events),
             "stats": {k: v for k, v in stats.items() if k != "rejects"},
             **({"fingerprint": d.algo.fingerprint()} if hasattr(d.algo, "fingerprint")

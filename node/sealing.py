@@ -20,31 +20,37 @@ The log. Each sealed SPSA record we send or accept is kept, keyed by (step, auth
 its step lies within ``[low, high]`` (the driver passes our position minus the SPSA
 history, and plus a margin), so a member cannot fill our memory with records for far
 steps; ``log_blob`` serves the kept envelopes of the records the algorithm holds since a
-step, and ``parse_log`` opens a donor's, checking each.
+step, and ``parse_log`` opens a donor's, checking each, and leaves out the records of
+authors the swarm does not admit or has banned.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-import msgpack
 from byteswarm.optim.sansio import Rejected
-from byteswarm.optim.spsa import Record
+from byteswarm.optim.spsa import Record, RecordLog
 from byteswarm.protocols import signing, wire
+from byteswarm.protocols import state as P
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 MAX_KEPT = 1 << 18  # sealed records kept at most, whatever the window
-MAX_LOG_RECORDS = 1 << 16  # records in one served log
 PRUNE_EVERY = 16  # steps the window's low end moves between prunes
 
 
 class Sealer:
-    def __init__(self, key: Ed25519PrivateKey, swarm: str, ctx: wire.Context):
+    def __init__(self, key: Ed25519PrivateKey, swarm: str, ctx: wire.Context, *,
+                 may_author: Callable[[str], bool] = lambda peer: True):
+        """``may_author(peer)``: may a record of ``peer`` be taken from a donor's log (the
+        driver says: admitted, and not banned)."""
         self.key, self.swarm, self.ctx = key, swarm, ctx
         self.kept: dict[tuple[int, str], bytes] = {}
         self.floor = 0  # where the last prune cut
         self.equivocations = 0  # authors caught signing two records for one step
         self.log_records = 0  # records taken from donors' sealed logs, signatures checked
+        self.refused_authors = 0  # records of authors not admitted or banned, left out
+        self.may_author = may_author
 
     def seal(self, msg: Any) -> bytes:
         return signing.seal(wire.encode(msg, swarm=self.swarm), swarm=self.swarm, key=self.key)
@@ -63,38 +69,32 @@ class Sealer:
         if low <= msg.step <= high and len(self.kept) < MAX_KEPT:
             self.kept.setdefault((msg.step, msg.peer), data)
 
-    def log_blob(self, closed: int, records: dict[int, dict[str, int]]) -> bytes:
-        """The envelopes of ``records`` (the algorithm's log) that we hold as signed."""
-        sealed = [self.kept[t, p] for t in sorted(records) for p in sorted(records[t])
+    def log_blob(self, log: RecordLog) -> bytes:
+        """The envelopes of the records in ``log`` (the algorithm's) that we hold as signed."""
+        sealed = [self.kept[t, p] for t in sorted(log.records) for p in sorted(log.records[t])
                   if (t, p) in self.kept]
-        return msgpack.packb({"closed": closed, "sealed": sealed[:MAX_LOG_RECORDS]})
+        return P.pack_sealed_log(log.closed, sealed)
 
-    def parse_log(self, data: bytes, step: int) -> dict[str, Any]:
-        """A donor's sealed records after ``step``, each signature checked, as
-        ``{"closed", "records": {step: {peer: q}}}``."""
-        try:
-            log = msgpack.unpackb(data)
-            closed, sealed = log["closed"], log["sealed"]
-            ok = (type(closed) is int and closed >= step and isinstance(sealed, list)
-                  and len(sealed) <= MAX_LOG_RECORDS)
-        except Exception:  # msgpack errors, missing keys
-            ok = False
-        if not ok:
-            raise Rejected("bad_state", "sealed record log malformed")
+    def parse_log(self, data: bytes, step: int) -> RecordLog:
+        """A donor's sealed records after ``step``, each signature checked. Records of
+        authors ``may_author`` refuses (not admitted, or banned) are left out and counted:
+        a donor's log brings back nobody the swarm has shut out."""
+        closed, sealed = P.parse_sealed_log(data, step)
         records: dict[int, dict[str, int]] = {}
         for env in sealed:
-            if not isinstance(env, bytes):
-                raise Rejected("bad_state", "sealed record log malformed")
             signer, rec = signing.open_signed(env, swarm=self.swarm, ctx=self.ctx)
             if not isinstance(rec, Record) or rec.step <= step:
                 raise Rejected("bad_state", "sealed log holds something else than records "
                                             "after its snapshot")
+            if not self.may_author(signer):
+                self.refused_authors += 1
+                continue
             self.kept.setdefault((rec.step, signer), env)
             if records.setdefault(rec.step, {}).setdefault(signer, rec.q) != rec.q:
                 self.equivocations += 1
         self.log_records += len(sealed)
-        return {"closed": closed, "records": records}
+        return RecordLog(closed, records)
 
     def stats(self) -> dict[str, int]:
         return {"kept": len(self.kept), "log_records": self.log_records,
-                "equivocations": self.equivocations}
+                "equivocations": self.equivocations, "refused_authors": self.refused_authors}

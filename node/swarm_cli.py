@@ -12,7 +12,7 @@ the signed manifest stored in the DHT under ``<id>.manifest``, so it outlives it
 manifest through it, checks that it hashes to the id typed and that its creator
 signed it, checks that our key is admitted (allowlist swarms: on the list, or ``--token``
 from the creator), and only then runs a node with the manifest's settings; the node then
-catches up with the swarm (node/statesync.py). A joiner that cannot verify refuses to
+catches up with the swarm (protocols/catchup.py). A joiner that cannot verify refuses to
 start and says why. Nodes of an allowlist swarm ignore peers that are not admitted.
 
 ``byteswarm swarm token MANIFEST --identity KEY --member HEX --out FILE`` writes an
@@ -26,13 +26,15 @@ import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from byteswarm.optim import config as C
 from byteswarm.optim.sansio import Rejected
-from byteswarm.protocols import admission, manifest
+from byteswarm.protocols import admission, manifest, records
 from byteswarm.protocols.swarmid import parse_swarm_id
 from hivemind import DHT
 
+from . import dhtrecords
 from .identity import load_identity, public_key_bytes, public_key_of
 from .node_cli import Public, launch, say
 from .settings import NodeConfig
@@ -41,6 +43,8 @@ from .settings import NodeConfig
 FIXED = ("swarm", "algo", "seed", "shard", "num_shards", "initial_peers", "withhold_record",
          "sign")
 FETCH_TIMEOUT = 60.0
+REFUSED_READS = 5  # reads that found only bad manifest copies before a join gives up
+MAX_COPIES = 64  # values of one read that we try
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -163,14 +167,59 @@ def run_create(args: argparse.Namespace) -> int:
     return _run(args, sid, [], lambda dht: (m, signed.to_bytes(), None))
 
 
+def printable(text: str, limit: int = 300) -> str:
+    """``text`` (which may hold bytes a stranger chose) safe to print: control and other
+    non-printing characters escaped, as repr does, and cut to ``limit`` characters."""
+    return repr(str(text)[:limit])[1:-1]
+
+
+def _candidates(found: Any) -> list[Any]:
+    """Every value found under a key: the plain value, or each entry of a dictionary
+    (nobody honest stores one at a manifest key, but a reader takes what comes)."""
+    value = getattr(found, "value", None)
+    if isinstance(value, dict):
+        return [getattr(item, "value", None) for item in list(value.values())[:MAX_COPIES]]
+    return [value] if value is not None else []
+
+
+def _manifest_refusals(dht: DHT, sid: str) -> tuple[int, dict[str, str]]:
+    """How many manifest copies our DHT process has refused so far, and the latest
+    message for each reason."""
+    refused = {k.split(":", 1)[1]: v for k, v in dhtrecords.refusals(dht, sid).items()
+               if k.startswith("manifest:")}
+    return sum(n for n, _ in refused.values()), {k: m for k, (_, m) in refused.items()}
+
+
 def fetch_manifest(dht: DHT, sid: str, timeout: float) -> bytes:
-    """The signed manifest stored under ``<sid>.manifest``, as any peer holds it."""
+    """The signed manifest of ``sid``, as any peer holds it under ``<sid>.manifest``.
+
+    Anyone can store anything at that key. Our DHT process already refuses copies that
+    are not the manifest ``sid`` names (node/dhtrecords.py), on store and on read; we
+    check every copy that comes through once more and take the first that passes. A read
+    that finds no copy is retried until ``timeout`` (the peers may not be reachable yet); a
+    read that finds only bad copies, ``REFUSED_READS`` times, a second apart (a good copy
+    may sit on a peer not yet reached), then we give up and say why.
+    """
     deadline = time.monotonic() + timeout
+    bad_reads, seen = 0, _manifest_refusals(dht, sid)[0]
     while True:
-        found = dht.get(f"{sid}.manifest", latest=True)
-        value = getattr(found, "value", None)
-        if isinstance(value, bytes):
-            return value
+        found = dht.get(records.manifest_key(sid), latest=True)
+        copies = _candidates(found)
+        why: dict[str, str] = {}
+        for blob in copies:
+            try:
+                manifest.verify(blob, sid)
+                return blob
+            except Rejected as e:
+                why[e.reason] = str(e)
+        total, messages = _manifest_refusals(dht, sid)
+        if copies or total > seen:  # this read met copies, and every one was bad
+            bad_reads += 1
+        seen = total
+        if bad_reads >= REFUSED_READS:
+            reasons = "; ".join(printable(m, 200) for m in {**messages, **why}.values())
+            raise C.ConfigError(f"join: refusing to join {sid}: every copy of its manifest "
+                                f"that peers hold was refused ({reasons})")
         if time.monotonic() > deadline:
             raise C.ConfigError(f"join: no peer reachable through the bootstrap addresses "
                                 f"has the manifest of {sid}")
@@ -188,7 +237,7 @@ def run_join(args: argparse.Namespace) -> int:
             admission.check_admission(m, public_key_bytes(load_identity(_identity_path(args))),
                                       now=time.time(), token=token, swarm_id=sid)
         except Rejected as e:
-            raise C.ConfigError(f"join: refusing to join {sid}: {e}") from None
+            raise C.ConfigError(f"join: refusing to join {sid}: {printable(str(e))}") from None
         say(f"manifest of {sid} verified: {m.name!r}, {m.algorithm}, created by "
             f"{m.creator.hex()[:16]}…")
         return m, blob, token

@@ -25,10 +25,18 @@ record holds the peer's progress, whether it is in client mode, whether it is st
 downloading the swarm's state (``syncing``) and, for SPSA, its latest
 marks (final steps and the fingerprint of θ at each), which the driver compares to find a
 replica that split from the others.
+
+Anyone can write to that key, so the record is signed with the node's identity key
+(protocols/records.py: a few hundred bytes per heartbeat, the signature covering the key,
+our peer id, the body and the expiration), and ``parse_members`` opens every entry it
+reads again, whatever the DHT's validators did: a DHT peer that is not one of ours can
+answer with anything. Refused entries are counted in ``events`` as
+``heartbeat_<reason>``. A ``peer_ttl`` above ``records.MAX_TTL`` (300 s) is clipped to it
+for the DHT entry, since other nodes refuse entries that live longer.
 DHT expirations use ``get_dht_time()`` (wall clock, as hivemind requires); nothing else
 here does.
 
-Services. Request/response exchanges (a joiner's state download, see node/statesync.py)
+Services. Request/response exchanges (a joiner's state download, protocols/catchup.py)
 each have a protocol ``/byteswarm/<swarm>/<name>/1``: one request frame (bounded by the
 service's own limit), one response frame (bounded by the caller's), then the stream closes.
 """
@@ -44,6 +52,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from byteswarm.optim.sansio import Rejected
+from byteswarm.protocols import records
+from byteswarm.protocols.signing import peer_id_of_key, public_key_bytes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hivemind import DHT
 from hivemind.p2p import PeerID
 from hivemind.utils.timed_storage import get_dht_time
@@ -51,6 +63,9 @@ from hivemind.utils.timed_storage import get_dht_time
 HEADER = 8
 QUEUE_FRAMES = 256  # per peer; beyond this the newest frame is dropped
 DIAL_TIMEOUT = 5.0
+SERVE_PER_PEER = 4  # requests one peer may have in service at once (a joiner's chunks)
+SERVE_TOTAL = 16  # requests in service at once, from everyone
+WRITE_TIMEOUT = 60.0  # seconds a reply may take to be read
 MAX_MEMBERS = 4096  # entries read from the peers key; a flood of fake ones is cut here
 MAX_MARKS = 16  # SPSA marks read from one heartbeat
 MAX_TOKEN = 512  # bytes of an admission token in a heartbeat
@@ -66,24 +81,57 @@ class Member:
     syncing: bool = False  # downloading the swarm's state: not yet taking part
 
 
-def parse_members(found: Any, now: float, limit: int = MAX_MEMBERS) -> dict[str, Member]:
-    """The live entries of the peers key, read defensively: anyone can write to it."""
+def parse_members(found: Any, now: float, *, key: str, limit: int = MAX_MEMBERS,
+                  rejects: Counter[str] | None = None,
+                  cache: dict[tuple, records.Entry] | None = None) -> dict[str, Member]:
+    """The live entries of the peers key ``key``, each signed by the peer its subkey names
+    (records.open_entry), read defensively: anyone can write to it. Refused entries are
+    counted by reason in ``rejects``. ``cache`` (kept by the caller between reads, and
+    pruned here to what this read found) spares a second signature check of an entry seen
+    unchanged: its checks do not get weaker with time, except expiry, which is rechecked."""
     out: dict[str, Member] = {}
     entries = getattr(found, "value", None)
     if not isinstance(entries, dict):
         return out
+    seen: dict[tuple, records.Entry] = {}
     for subkey, item in list(entries.items())[:limit]:
-        value, expires = getattr(item, "value", None), getattr(item, "expiration_time", 0)
-        if not (isinstance(subkey, str) and 0 < len(subkey) <= 128 and isinstance(value, dict)
-                and isinstance(expires, (int, float)) and expires > now):
+        data, expires = getattr(item, "value", None), getattr(item, "expiration_time", 0)
+        if not (isinstance(expires, (int, float)) and expires > now):
+            continue  # expired (or junk that says nothing): not a member, not an attack
+        memo = ((subkey, data, expires) if isinstance(subkey, str) and isinstance(data, bytes)
+                else None)
+        try:
+            entry = cache.get(memo) if cache is not None and memo is not None else None
+            if entry is None:
+                entry = records.open_entry(data, dht_key=key, subkey=subkey,
+                                           expiration=expires, now=now)
+        except Rejected as e:
+            if rejects is not None:
+                rejects[e.reason] += 1
             continue
-        progress, client = value.get("progress"), value.get("client")
-        if type(progress) is int and progress >= 0 and isinstance(client, bool):
-            token = value.get("token")
-            token = token if isinstance(token, bytes) and len(token) <= MAX_TOKEN else None
-            out[subkey] = Member(progress, client, parse_marks(value.get("marks")), token,
-                                 value.get("syncing") is True)
+        if memo is not None:
+            seen[memo] = entry
+        member = heartbeat_member(entry.body)
+        if member is None:
+            if rejects is not None:
+                rejects["bad_body"] += 1
+            continue
+        out[subkey] = member
+    if cache is not None:
+        cache.clear()
+        cache.update(seen)
     return out
+
+
+def heartbeat_member(value: dict[str, Any]) -> Member | None:
+    """A Member from a verified heartbeat body, or None if its fields are not ours."""
+    progress, client = value.get("progress"), value.get("client")
+    if not (type(progress) is int and progress >= 0 and isinstance(client, bool)):
+        return None
+    token = value.get("token")
+    token = token if isinstance(token, bytes) and len(token) <= MAX_TOKEN else None
+    return Member(progress, client, parse_marks(value.get("marks")), token,
+                  value.get("syncing") is True)
 
 
 def parse_marks(value: Any) -> dict[int, str]:
@@ -120,8 +168,15 @@ class Transport:
                  on_frame: Callable[[str, bytes], Awaitable[str]],
                  on_members: Callable[[dict[str, Member]], Awaitable[None]],
                  progress: Callable[[], int],
-                 marks: Callable[[], dict[int, str]] = dict):
+                 marks: Callable[[], dict[int, str]] = dict,
+                 identity: Ed25519PrivateKey,
+                 may_ask: Callable[[str], bool] = lambda peer: True):
+        """``may_ask(peer)``: may ``peer`` use our services (the driver: is it a member
+        of our view)? Anyone else is refused before its request is read."""
         self.dht, self.swarm, self.peer_id = dht, swarm, peer_id
+        self.identity = identity  # signs our heartbeats
+        if peer_id_of_key(public_key_bytes(identity)) != peer_id:
+            raise ValueError("the identity key is not the key of our peer id")
         self.client_mode = client_mode
         self.frame_limit = frame_limit
         self.heartbeat_period, self.peer_ttl = heartbeat_period, peer_ttl
@@ -140,7 +195,10 @@ class Transport:
         self._wake = asyncio.Event()  # beat now rather than at the next period
         self.sent: Counter[str] = Counter()  # bytes written, by message kind
         self.received: Counter[str] = Counter()  # bytes read, by message kind
+        self._serving: Counter[str] = Counter()  # requests in service, by peer
+        self.may_ask = may_ask
         self.events: Counter[str] = Counter()  # drops, failures, oversized frames, ...
+        self._opened: dict[tuple, records.Entry] = {}  # heartbeats verified last read
 
     # -- lifecycle
     async def start(self) -> None:
@@ -278,17 +336,36 @@ class Transport:
 
     async def _serve(self, name: str, info: Any, reader: asyncio.StreamReader,
                      writer: asyncio.StreamWriter) -> None:
+        """One request, bounded: only members get an answer (``may_ask``), each peer has
+        at most ``SERVE_PER_PEER`` requests in service and everyone together
+        ``SERVE_TOTAL`` (a reply can pin a copy of the state until it is written), and a
+        reply that is not read within ``WRITE_TIMEOUT`` is given up."""
         handler, limit = self._services[name]
+        peer = info.peer_id.to_base58()
+        counted = False
         try:
+            if not self.may_ask(peer):
+                self.events[f"{name}_not_member"] += 1
+                return
+            if self._serving[peer] >= SERVE_PER_PEER or \
+                    sum(self._serving.values()) >= SERVE_TOTAL:
+                self.events[f"{name}_busy"] += 1
+                return
+            self._serving[peer] += 1
+            counted = True
             request = await asyncio.wait_for(read_frame(reader, limit), DIAL_TIMEOUT)
             reply = await handler(request)
-            await write_frame(writer, reply)
+            await asyncio.wait_for(write_frame(writer, reply), WRITE_TIMEOUT)
             self.sent[name] += HEADER + len(reply)
         except asyncio.CancelledError:
             pass  # we are closing
-        except Exception:  # junk, oversized or slow requests; a handler's Rejected
+        except Exception:  # junk, oversized, slow or unread; a handler's Rejected
             self.events[f"bad_{name}_request"] += 1
         finally:
+            if counted:
+                self._serving[peer] -= 1
+            if self._serving[peer] <= 0:
+                del self._serving[peer]
             writer.close()
 
     async def request(self, peer: str, name: str, data: bytes, limit: int,
@@ -310,19 +387,25 @@ class Transport:
     # -- membership
     @property
     def key(self) -> str:
-        return f"{self.swarm}.peers"
+        return records.peers_key(self.swarm)
 
     async def beat(self) -> None:
-        """Store our heartbeat, read everyone's, report the live set."""
+        """Store our signed heartbeat, read everyone's, report the live set."""
         value: dict[str, Any] = {"progress": int(self.progress()), "client": self.client_mode}
         marks = self.marks()
         if marks:
             value["marks"] = [[t, fp] for t, fp in marks.items()]
         value.update(self.beat_extra)
-        await self.dht.store(self.key, value, get_dht_time() + self.peer_ttl,
-                             subkey=self.peer_id, return_future=True)
+        expires = get_dht_time() + min(self.peer_ttl, records.MAX_TTL)
+        entry = records.seal_entry(self.identity, dht_key=self.key, body=value,
+                                   expiration=expires)
+        await self.dht.store(self.key, entry, expires, subkey=self.peer_id,
+                             return_future=True)
         found = await self.dht.get(self.key, latest=True, return_future=True)
-        members = parse_members(found, get_dht_time())
+        rejects: Counter[str] = Counter()
+        members = parse_members(found, get_dht_time(), key=self.key, rejects=rejects,
+                                cache=self._opened)
+        self.events.update({f"heartbeat_{r}": n for r, n in rejects.items()})
         members[self.peer_id] = Member(int(self.progress()), self.client_mode, marks)
         self.members = members
         if self.client_mode:  # open our side now, so the others can write back
@@ -336,10 +419,11 @@ class Transport:
         while True:
             try:
                 if beats % PUBLISH_EVERY == 0:
+                    ttl = min(3 * PUBLISH_EVERY * self.heartbeat_period + self.peer_ttl,
+                              records.MANIFEST_MAX_TTL)  # validators refuse longer
                     for key, value in self.publish.items():
-                        await self.dht.store(key, value, get_dht_time()
-                                             + 3 * PUBLISH_EVERY * self.heartbeat_period
-                                             + self.peer_ttl, return_future=True)
+                        await self.dht.store(key, value, get_dht_time() + ttl,
+                                             return_future=True)
                 beats += 1
                 await self.beat()
             except asyncio.CancelledError:

@@ -143,17 +143,10 @@ class DiLoCo(LocalUpdate):
         elif self.phases.phase == GATHER:
             self._finish_round()
 
-    def export_state(self) -> dict[str, Any]:
-        """What a joiner takes from a donor: the round it is in, φ and the momentum (the
-        inner AdamW state stays fresh, as for any new replica)."""
-        return {"round": self.round, "phi": self.phi.clone(),
-                "momentum": self.momentum.clone()}
+    def _momentum(self) -> torch.Tensor:
+        return self.momentum
 
-    def import_state(self, state: dict[str, Any]) -> None:
-        """Start the donor's current round from its φ (θ ← φ), dropping any exchange."""
-        self.phi.copy_(state["phi"])
-        self.momentum.copy_(state["momentum"])
-        self._restart(int(state["round"]))
+    def _drop_exchange(self) -> None:
         self.inbox = {REDUCE: {}, GATHER: {}}
         self.parts = {}
 

@@ -8,16 +8,55 @@ those. A subclass starts its exchange in ``_end_inner_phase(now)``.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .data import Shard
 from .model import lm_loss
-from .sansio import Mailbox, PhaseTable
+from .sansio import Mailbox, PhaseTable, Rejected
 from .train import evaluate
 
 TRAIN = "train"
+MAX_ROUND = 1 << 62
+
+
+@dataclass
+class OuterState:
+    """What a NoLoCo or DiLoCo joiner takes from a donor: the round it is in, φ and the outer
+    momentum (NoLoCo's δ, DiLoCo's Nesterov buffer). The inner optimizer starts fresh, as
+    for any new replica. It changes only when a round ends, so a donor serves one per round."""
+
+    round: int
+    phi: torch.Tensor  # (N,) fp32
+    momentum: torch.Tensor  # (N,) fp32
+
+
+def check_outer_state(state: Any, numel: int) -> OuterState:
+    """``Rejected`` unless ``state`` is an OuterState of our size with finite values."""
+    if not isinstance(state, OuterState):
+        raise Rejected("bad_state", f"not an outer state: {type(state).__name__}")
+    if type(state.round) is not int or not 0 <= state.round < MAX_ROUND:
+        raise Rejected("bad_state", f"round {state.round!r}"[:80])
+    for name in ("phi", "momentum"):
+        v = getattr(state, name)
+        if not (isinstance(v, torch.Tensor) and v.dtype == torch.float32 and v.dim() == 1
+                and v.numel() == numel):
+            raise Rejected("bad_state", f"{name} is not a ({numel},) fp32 vector")
+        if not bool(torch.isfinite(v).all()):
+            raise Rejected("bad_state", f"{name} is not finite")
+    return state
+
+
+def median_state(states: list[OuterState]) -> OuterState:
+    """The coordinate-wise median of outer states of one round (the mean of two). With three
+    or more, no single liar moves a coordinate outside the range of the honest ones."""
+    if len(states) == 1:
+        return states[0]
+    pick = (lambda x: x.mean(0)) if len(states) == 2 else (lambda x: x.median(0).values)
+    return OuterState(states[0].round, pick(torch.stack([s.phi for s in states])),
+                      pick(torch.stack([s.momentum for s in states])))
 
 
 def flatten(model: torch.nn.Module) -> torch.Tensor:
@@ -124,6 +163,81 @@ class LocalUpdate(Mailbox):
     def state_bytes(self) -> int:
         """Bytes a joiner downloads: φ and the outer momentum, fp32."""
         return 2 * 4 * self.numel
+
+    # -- the state contract (optim/sansio.py)
+    identical_replicas = False  # each replica averaged with its own partners
+    waits_for_syncing = False  # a joiner's share is not waited for until it is in
+    MOMENTUM_KEY = "momentum"  # its name in checkpoints (NoLoCo: "delta")
+
+    def _momentum(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _drop_exchange(self) -> None:
+        raise NotImplementedError
+
+    def position(self) -> int:
+        return self.round * self.cfg.inner_steps + self.inner_done
+
+    def behind(self, other: int) -> bool:
+        # A peer in a later round no longer takes our shares.
+        h = self.cfg.inner_steps
+        return other // h > self.position() // h
+
+    def mark(self) -> tuple[int, str] | None:
+        return None
+
+    def served_tag(self) -> int | None:
+        return self.round if self.round > 0 else None
+
+    def served_state(self) -> OuterState:
+        return self.export_state()
+
+    has_log = False
+
+    def served_mark(self, state: OuterState) -> None:
+        return None
+
+    def log_since(self, tag: int) -> None:
+        return None
+
+    def check_served(self, state: Any) -> OuterState:
+        return check_outer_state(state, self.numel)
+
+    def join_state(self, served: OuterState, log: Any) -> OuterState:
+        return served
+
+    def combine(self, states: list[OuterState]) -> OuterState:
+        return median_state(states)
+
+    def export_state(self) -> OuterState:
+        return OuterState(self.round, self.phi.clone(), self._momentum().clone())
+
+    def import_state(self, state: OuterState) -> None:
+        """Start the donor's current round from its φ (θ ← φ), dropping any exchange."""
+        check_outer_state(state, self.numel)
+        self.phi.copy_(state.phi)
+        self._momentum().copy_(state.momentum)
+        self._restart(state.round)
+        self._drop_exchange()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sync": {"round": self.round, "phi": self.phi.clone(),
+                         self.MOMENTUM_KEY: self._momentum().clone()},
+                "local": {"model": self.model.state_dict(), "opt": self.inner.opt.state_dict(),
+                          "inner_steps": self.inner.step_count,
+                          "inner_done": self.inner_done}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        sync, local = state["sync"], state["local"]
+        self.import_state(OuterState(int(sync["round"]), sync["phi"],
+                                     sync[self.MOMENTUM_KEY]))
+        self.model.load_state_dict(local["model"])
+        self.inner.opt.load_state_dict(local["opt"])
+        self.inner.step_count = int(local["inner_steps"])
+        self.inner_done = int(local["inner_done"])
+
+    def warm_up(self) -> None:
+        pass  # nothing is compiled
 
     def stats(self) -> dict[str, Any]:
         return {**self.counts, "round": self.round, "phase": self.phases.phase,

@@ -163,16 +163,12 @@ class NoLoCo(LocalUpdate):
             self.counts["timeouts"] += 1
             self._apply()
 
-    def export_state(self) -> dict[str, Any]:
-        """What a joiner takes from a donor: the round it is in, φ and δ (the inner Adam
-        state stays fresh, as for any new replica)."""
-        return {"round": self.round, "phi": self.phi.clone(), "delta": self.delta.clone()}
+    MOMENTUM_KEY = "delta"
 
-    def import_state(self, state: dict[str, Any]) -> None:
-        """Start the donor's current round from its φ (θ ← φ), dropping any exchange."""
-        self.phi.copy_(state["phi"])
-        self.delta.copy_(state["delta"])
-        self._restart(int(state["round"]))
+    def _momentum(self) -> torch.Tensor:
+        return self.delta
+
+    def _drop_exchange(self) -> None:
         self.inbox = {}
 
     # -- internals

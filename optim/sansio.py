@@ -43,6 +43,8 @@ class Rejected(Exception):
 
 class Algorithm(Protocol):
     peer_id: str
+    banned: set[str]  # peers caught lying (SPSA's spot checks): nothing of theirs is taken
+    numel: int  # length of the flat vectors in the state this algorithm serves
 
     def can_step(self) -> bool: ...
 
@@ -61,6 +63,86 @@ class Algorithm(Protocol):
     def evaluate(self) -> float: ...
 
     def stats(self) -> dict[str, Any]: ...
+
+    # -- the state contract: everything a driver or a joiner's catch-up needs, so that no
+    # driver ever asks which algorithm it holds.
+
+    # True if honest replicas are bit-identical at every published mark (SPSA): a joiner
+    # then takes a state that several peers vouch for by fingerprint. False (NoLoCo,
+    # DiLoCo): replicas differ, and a joiner combines several donors' states (``combine``).
+    identical_replicas: bool
+    # True if a member still downloading the state counts as a peer (SPSA waits for its
+    # records, which keep it within finality); False: it hears, but no group waits for it.
+    waits_for_syncing: bool
+
+    def position(self) -> int:
+        """How far this replica has come, in local steps: the same number on every peer of
+        a swarm that is in step, so a joiner can tell it is behind."""
+        ...
+
+    def behind(self, other: int) -> bool:
+        """Is a peer at position ``other`` too far ahead for us to take part without its
+        state?"""
+        ...
+
+    def mark(self) -> tuple[int, str] | None:
+        """(tag, fingerprint) of a state every honest replica holds alike, when one is new
+        enough to publish; None for algorithms whose replicas differ."""
+        ...
+
+    def served_tag(self) -> int | None:
+        """The tag (final step or round) of the state we offer joiners now; None: none."""
+        ...
+
+    def served_state(self) -> Any:
+        """A copy of the state at ``served_tag()`` (protocols/state.py has its bytes)."""
+        ...
+
+    # True if a served state needs the donors' log on top (SPSA's records since its step).
+    has_log: bool
+
+    def served_mark(self, state: Any) -> str | None:
+        """The fingerprint a served state has, to compare with the marks its donors
+        published (None where replicas differ)."""
+        ...
+
+    def log_since(self, tag: int) -> Any:
+        """What a joiner replays on top of a served state of ``tag`` (SPSA: the records
+        since), or None if the served state is complete by itself."""
+        ...
+
+    def check_served(self, state: Any) -> Any:
+        """``state`` if it is a served state of ours (type and size), else ``Rejected``."""
+        ...
+
+    def join_state(self, served: Any, log: Any) -> Any:
+        """The state to ``import_state`` from a served state and the donors' logs
+        (``Rejected`` if they do not fit together)."""
+        ...
+
+    def combine(self, states: list[Any]) -> Any:
+        """One served state from several donors' differing copies of one tag (only called
+        when ``identical_replicas`` is false): robust to a minority of liars."""
+        ...
+
+    def export_state(self) -> Any:
+        """Everything a joiner needs, as one object (a donor's whole state)."""
+        ...
+
+    def import_state(self, state: Any) -> None:
+        """Adopt a donor's state; ``Rejected`` (and nothing changed) if it does not fit."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """A checkpoint: the exported state plus what no donor hands over (inner optimizer,
+        position inside a round), so that a restart resumes exactly."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def warm_up(self) -> None:
+        """Pay one-time costs (kernel compilation) before the swarm waits on us."""
+        ...
 
 
 class RejectCounter:
@@ -93,6 +175,7 @@ class Mailbox:
         self.deadline: float | None = None
         self._out: list[Send] = []
         self.rejects = RejectCounter()
+        self.banned: set[str] = set()  # peers caught lying: nothing of theirs is taken
 
     def on_peers(self, peers: frozenset[str], now: float) -> None:
         self.peers = frozenset(peers) | {self.peer_id}

@@ -51,190 +51,48 @@ at most η·S/|R_t| along z); the checks make lying a lasting cost.
 
 from __future__ import annotations
 
-import hashlib
-import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from .config import opt
 from .data import Shard
 from .flat import FlatParams
 from .kernels import perturb, update_
 from .model import lm_loss
 from .sansio import EVERYONE, Mailbox, Rejected, Send
 from .seeds import derive_seed
+from .spsa_log import (  # noqa: F401  (re-exported: the record log's names)
+    MAX_OPEN_STEPS,
+    MAX_PEERS_PER_STEP,
+    Record,
+    RecordLog,
+    Snapshot,
+    SPSAState,
+    check_spsa_state,
+    replay,
+)
+from .spsa_math import (  # noqa: F401  (re-exported: the math's names)
+    Q_MAX,
+    SPSAConfig,
+    apply_step_,
+    dequantize_g,
+    fingerprint_of,
+    learning_rate,
+    quantize_g,
+    record_seed,
+    scale_from_average,
+    spsa_projected_grad,
+    step_coefficients,
+)
 from .train import evaluate
 
-Q_MAX = 127
-HISTORY_STEPS = 128  # records of final steps kept for joiners (log_since)
-
-
-@dataclass(frozen=True, kw_only=True)
-class SPSAConfig:
-    swarm: str = opt("byteswarm", "swarm name; seeds are derived from it")
-    eps: float = opt(1e-3, "perturbation size ε", lo=0.0, hi=1.0, lo_open=True)
-    lr: float = opt(3e-3, "learning rate η of one record; a step's |R| records are summed "
-                    "and divided by sqrt|R|, so one η suits any swarm size",
-                    lo=0.0, hi=10.0, lo_open=True)
-    lr_decay_steps: int = opt(0, "decay η linearly to lr·min_lr_ratio over this many steps "
-                              "(0: constant)", lo=0)
-    min_lr_ratio: float = opt(0.1, "final η as a fraction of lr", lo=0.0, hi=1.0)
-    weight_decay: float = opt(0.0, "decoupled weight decay λ: θ ← θ·(1 − ηλ) each step",
-                              lo=0.0, hi=1.0)
-    scale_init: float = opt(8.0, "byte scale S before any history (|g| that maps to 127)",
-                            lo=0.0, lo_open=True)
-    scale_sigmas: float = opt(3.0, "S = this × RMS of recent dequantised g", lo=0.5)
-    scale_ema: float = opt(0.95, "weight of the old value in the g² average", lo=0.0, hi=1.0)
-    scale_min: float = opt(1e-3, "S never goes below this", lo=0.0, lo_open=True)
-    finality_steps: int = opt(4, "a step stops accepting late records this many steps after "
-                              "it closes", lo=1, hi=1000)
-    max_ahead: int = opt(4, "reject records more than this many steps ahead", lo=1)
-    step_timeout: float = opt(5.0, "seconds to wait for the other records of a step",
-                              lo=0.0, lo_open=True)
-    spot_check_rate: float = opt(0.0, "fraction of other peers' records that every peer "
-                                 "recomputes from the sender's public shard (two forward "
-                                 "passes each); a liar is banned (needs shard_of)",
-                                 lo=0.0, hi=1.0)
-    spot_check_tolerance: int = opt(2, "a recomputed byte may differ by this much (float "
-                                    "rounding on other hardware)", lo=0, hi=2 * 127)
-
-
-# --- math: plain functions ------------------------------------------------------------
-
-def record_seed(swarm: str, step: int, peer: str) -> int:
-    """s = H(swarm, t, p): the 64-bit seed of peer p's perturbation at step t."""
-    return derive_seed("spsa", swarm, step, peer)
-
-
-def spsa_projected_grad(l_plus: float, l_minus: float, eps: float) -> float:
-    """g = (ℓ+ − ℓ−) / 2ε: the directional derivative along z (MeZO Alg. 1)."""
-    return (l_plus - l_minus) / (2.0 * eps)
-
-
-def quantize_g(g: float, scale: float, seed: int) -> int:
-    """One signed byte for g: unbiased stochastic rounding of g/S·127, saturating at ±127.
-
-    The rounding coin is drawn from the record's own seed, so the sender is accountable:
-    anyone can recompute q from (θ, batch, seed)."""
-    x = max(-Q_MAX, min(Q_MAX, g / scale * Q_MAX))
-    lo = math.floor(x)
-    u = derive_seed("round", seed) / 2.0**64  # uniform in [0, 1)
-    return int(lo + (1 if u < x - lo else 0))
-
-
-def dequantize_g(q: int, scale: float) -> float:
-    return q * scale / Q_MAX
-
-
-def learning_rate(step: int, cfg: SPSAConfig) -> float:
-    """η_t: constant, or linear decay. Only +, −, ×, / so every peer gets the same bits."""
-    if cfg.lr_decay_steps == 0:
-        return cfg.lr
-    frac = min(step, cfg.lr_decay_steps) / cfg.lr_decay_steps
-    return cfg.lr * (1.0 - (1.0 - cfg.min_lr_ratio) * frac)
-
-
-def step_coefficients(step: int, records: dict[str, int], scale: float,
-                      cfg: SPSAConfig) -> tuple[list[int], list[float]]:
-    """Seeds and coefficients c_r = −η_t·ĝ_r/|R_t| of one step, in canonical (peer id) order."""
-    eta = learning_rate(step, cfg)
-    peers = sorted(records)
-    seeds = [record_seed(cfg.swarm, step, p) for p in peers]
-    norm = math.sqrt(len(peers))  # correctly rounded, like + − × /: the same bits everywhere
-    coeffs = [-eta * dequantize_g(records[p], scale) / norm for p in peers]
-    return seeds, coeffs
-
-
-def apply_step_(theta: torch.Tensor, step: int, records: dict[str, int], scale: float,
-                cfg: SPSAConfig, pad: torch.Tensor | None = None) -> None:
-    """θ ← θ·(1 − ηλ) − Σ_r η·ĝ_r·z_r/|R_t|, one fused pass for the records.
-
-    ``pad`` (FlatParams.pad_index) is zeroed again afterwards: the kernel runs over the
-    whole flat buffer, and keeping the padding zero makes θ's bytes a function of the
-    parameter values alone."""
-    if cfg.weight_decay > 0:
-        theta.mul_(1.0 - learning_rate(step, cfg) * cfg.weight_decay)
-    if records:
-        seeds, coeffs = step_coefficients(step, records, scale, cfg)
-        update_(theta, seeds, coeffs)
-        if pad is not None and pad.numel():
-            theta.index_fill_(0, pad, 0.0)
-
-
-def next_g2_average(v: float | None, records: dict[str, int], scale: float,
-                    cfg: SPSAConfig) -> float | None:
-    """Fold one final step's records into the average of ĝ² (None: no history yet)."""
-    if not records:
-        return v
-    mean_g2 = sum(dequantize_g(q, scale) ** 2 for q in records.values()) / len(records)
-    return mean_g2 if v is None else cfg.scale_ema * v + (1.0 - cfg.scale_ema) * mean_g2
-
-
-def scale_from_average(v: float | None, cfg: SPSAConfig) -> float:
-    if v is None:
-        return cfg.scale_init
-    return max(cfg.scale_min, cfg.scale_sigmas * math.sqrt(v))
-
-
-def fingerprint_of(theta: torch.Tensor) -> str:
-    """Hash of θ's bytes: equal fingerprints mean bit-identical replicas."""
-    return hashlib.blake2b(theta.detach().cpu().numpy().tobytes(), digest_size=8).hexdigest()
-
-
-# --- the state machine ------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Record:
-    """What goes on the wire: peer ``peer``'s byte for step ``step`` (swarm in the envelope)."""
-
-    step: int
-    peer: str
-    q: int
-
-
-@dataclass
-class Snapshot:
-    """The final part of the record log folded into θ: everything up to ``step``.
-
-    It is all a late joiner needs besides the records after ``step``, and all that
-    ``replay`` needs to rebuild any later θ."""
-
-    step: int  # last final step (-1: nothing final yet)
-    theta: torch.Tensor  # (numel,) fp32
-    g2: float | None = None  # average of ĝ² over final steps
-    scales: dict[int, float] = field(default_factory=dict)  # pending step -> its S
-
-    def scale(self, t: int, cfg: SPSAConfig) -> float:
-        """S_t, from ĝ² history up to step t − 1 − finality_steps (final by the time
-        anyone needs S_t)."""
-        if t - 1 - cfg.finality_steps < 0:
-            return cfg.scale_init
-        return self.scales[t]
-
-    def copy(self) -> Snapshot:
-        return Snapshot(self.step, self.theta.clone(), self.g2, dict(self.scales))
-
-    def advance_(self, records: dict[str, int], cfg: SPSAConfig,
-                 pad: torch.Tensor | None = None) -> None:
-        """Fold step ``self.step + 1`` with these records in; it is final from now on."""
-        t = self.step + 1
-        scale = self.scale(t, cfg)
-        apply_step_(self.theta, t, records, scale, cfg, pad)
-        self.g2 = next_g2_average(self.g2, records, scale, cfg)
-        self.step = t
-        self.scales[t + 1 + cfg.finality_steps] = scale_from_average(self.g2, cfg)
-        self.scales.pop(t, None)
-
-
-def replay(snap: Snapshot, log: dict[int, dict[str, int]], to_step: int,
-           cfg: SPSAConfig, pad: torch.Tensor | None = None) -> Snapshot:
-    """θ at ``to_step`` rebuilt from a snapshot and the records since (one pass a step)."""
-    out = snap.copy()
-    while out.step < to_step:
-        out.advance_(log.get(out.step + 1, {}), cfg, pad)
-    return out
+MARK_EVERY = 5  # final steps between fingerprints (hashing θ costs a memory pass)
+SERVE_EVERY = 40  # final steps between snapshots served to joiners (a multiple of MARK_EVERY)
+SERVED_KEPT = 4  # snapshots a donor keeps (protocols/serving.KEEP)
+# Records of final steps kept for joiners (log_since): enough to replay from the oldest
+# snapshot a donor still serves, and a margin for the steps not yet final.
+HISTORY_STEPS = SERVED_KEPT * SERVE_EVERY + 32
 
 
 class SPSA(Mailbox):
@@ -247,6 +105,7 @@ class SPSA(Mailbox):
         self.batch_size, self.seq_len = batch_size, seq_len
         self.flat = FlatParams(model)  # the model reads its weights from flat.buffer
         self.theta = self.flat.buffer.detach().clone()  # canonical θ, never perturbed
+        self.numel = self.theta.numel()  # with the flat buffer's padding
         self.pad = self.flat.pad_index
         self.snap = Snapshot(-1, self.theta.clone())
         self.records: dict[int, dict[str, int]] = {}  # step -> peer -> q, steps > snap.step
@@ -259,7 +118,6 @@ class SPSA(Mailbox):
         self._mark: tuple[int, str] | None = None
         self.shard_of: Callable[[str], Shard] | None = None  # for spot checks
         self.history: dict[int, dict[str, int]] = {}  # records of the latest final steps
-        self.banned: set[str] = set()
         self.counts = {"records_sent": 0, "records_applied": 0, "late_records": 0,
                        "replays": 0, "steps_closed": 0, "steps_timed_out": 0,
                        "spot_checks": 0, "spot_failures": 0}
@@ -325,32 +183,103 @@ class SPSA(Mailbox):
         """Bytes a joiner downloads: the snapshot θ and the open records (~32 B each)."""
         return 4 * self.theta.numel() + 32 * sum(len(r) for r in self.records.values())
 
-    def export_state(self) -> dict:
-        """What a joiner downloads: the final snapshot and the open part of the log."""
-        return {"snap": self.snap.copy(), "closed": self.closed,
-                "records": {t: dict(r) for t, r in self.records.items()}}
+    # -- the state contract (optim/sansio.py)
+    identical_replicas = True
+    # A joiner's records keep coming while it syncs: closing steps without them would
+    # leave it behind the swarm's finality, and its first records too late for anyone but
+    # itself (a split).
+    waits_for_syncing = True
 
-    def import_state(self, state: dict) -> None:
+    def position(self) -> int:
+        return self.closed + 1
+
+    def behind(self, other: int) -> bool:
+        # Records for steps we have not reached are buffered, and ours reach the others
+        # late but in time while their step is not final: a gap up to finality heals.
+        return other > self.position() + self.cfg.finality_steps
+
+    def mark(self) -> tuple[int, str] | None:
+        if self.snap.step >= 0 and self.snap.step % MARK_EVERY == 0:
+            return self.final_mark()
+        return None
+
+    def served_tag(self) -> int | None:
+        step = self.snap.step
+        return step if step > 0 and step % SERVE_EVERY == 0 else None
+
+    def served_state(self) -> Snapshot:
+        return self.snap.copy()
+
+    has_log = True
+
+    def served_mark(self, state: Snapshot) -> str:
+        return fingerprint_of(state.theta)
+
+    def check_served(self, state: Any) -> Snapshot:
+        if not (isinstance(state, Snapshot) and state.theta.numel() == self.numel):
+            raise Rejected("bad_state", f"not a snapshot of {self.numel} values")
+        return state
+
+    def join_state(self, served: Snapshot, log: RecordLog) -> SPSAState:
+        """Every closed step has at least its closer's record: a step without any is a
+        gap in the donors' logs, and replaying it empty would split us."""
+        gaps = [t for t in range(served.step + 1, log.closed + 1) if not log.records.get(t)]
+        if gaps:
+            raise Rejected("log_gap", f"no records for step {gaps[0]} ({len(gaps)} steps)")
+        return SPSAState(served, log.closed, log.records)
+
+    def combine(self, states: list[Any]) -> Any:
+        raise RuntimeError("SPSA replicas are identical: a joiner takes a vouched state")
+
+    def export_state(self) -> SPSAState:
+        """What a joiner downloads: the final snapshot and the open part of the log."""
+        return SPSAState(self.snap.copy(), self.closed,
+                         {t: dict(r) for t, r in self.records.items()})
+
+    def import_state(self, state: SPSAState) -> None:
         """Adopt a donor's state. The records we hold for steps still open there are
         kept too: each came from its author (ours we sent), so every peer will hold it,
         and the donor may simply not have it yet (a re-step of ours would even send a
         second, different byte for a step)."""
+        check_spsa_state(state, self.theta.numel())
         held = self.records
-        self.snap = state["snap"].copy()
-        self.records = {t: dict(r) for t, r in state["records"].items()}
+        self.snap = state.snap.copy()
+        self.records = {t: dict(r) for t, r in state.records.items()}
         for t, recs in held.items():
             if t > self.snap.step:
                 for p, q in recs.items():
                     self.records.setdefault(t, {}).setdefault(p, q)
-        self.closed = state["closed"]
+        self.closed = state.closed
         self.history = {}  # of our old lineage: not to be served to anyone
-        # The snapshot may be older than the donor's own (statesync.py sends a marked one):
+        # The snapshot may be older than the donor's own (a joiner takes a marked one):
         # fold the steps that are final by now into it, as _close would have.
         while self.snap.step < self.closed - self.cfg.finality_steps:
             self._finalize(self.snap.step + 1)
         self.theta.copy_(replay(self.snap, self.records, self.closed, self.cfg,
                                 self.pad).theta)
         self.expected, self.deadline = {}, None
+
+    def state_dict(self) -> dict[str, Any]:
+        snap = self.snap
+        return {"sync": {"snap": {"step": snap.step, "theta": snap.theta.clone(),
+                                  "g2": snap.g2, "scales": dict(snap.scales)},
+                         "closed": self.closed,
+                         "records": {t: dict(r) for t, r in self.records.items()}}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        s = state["sync"]
+        snap = s["snap"]
+        self.import_state(SPSAState(
+            Snapshot(snap["step"], snap["theta"], snap["g2"], dict(snap["scales"])),
+            s["closed"], {t: dict(r) for t, r in s["records"].items()}))
+
+    def warm_up(self) -> None:
+        """Compile the kernels before announcing ourselves: a first step that spends
+        seconds in torch.compile would make every other peer time the step out."""
+        scratch = self.theta.clone()
+        perturb(self.theta, scratch, 1, 0.0)
+        for records in (1, 2, 4, 8):  # one compiled graph per record-count slot
+            update_(scratch, list(range(records)), [0.0] * records)
 
     def stats(self) -> dict:
         return {**self.counts, "closed_step": self.closed, "final_step": self.snap.step,
@@ -438,12 +367,12 @@ class SPSA(Mailbox):
         self.history[t] = records
         self.history.pop(t - HISTORY_STEPS, None)
 
-    def log_since(self, step: int) -> dict[int, dict[str, int]]:
-        """Records of the steps after ``step``, final or open, as far as we still hold
-        them: with a snapshot at ``step`` they rebuild our θ (``replay``)."""
-        out = {t: dict(r) for t, r in self.history.items() if t > step}
-        out.update({t: dict(r) for t, r in self.records.items() if t > step})
-        return out
+    def log_since(self, tag: int) -> RecordLog:
+        """Records of the steps after ``tag``, final or open, as far as we still hold
+        them: with a snapshot at ``tag`` they rebuild our θ (``replay``)."""
+        out = {t: dict(r) for t, r in self.history.items() if t > tag}
+        out.update({t: dict(r) for t, r in self.records.items() if t > tag})
+        return RecordLog(self.closed, out)
 
     def _replay_live(self) -> None:
         self.counts["replays"] += 1

@@ -50,6 +50,7 @@ from byteswarm.protocols import tensors, wire
 from torch import nn
 
 from .engine import Event, Simulation
+from .joining import Joins
 from .runner import RunResult, SimConfig, wire_size
 from .scenario import Scenario
 
@@ -167,13 +168,6 @@ def model_numels(mcfg: ModelConfig) -> tuple[int, int]:
     return n, FlatParams(model).numel
 
 
-def sync_bytes_of(name: str, numel: int, flat_numel: int) -> Callable[[Any], int]:
-    """A joiner's download as ``state_bytes()`` would count it for the configured model."""
-    if name == "spsa":
-        return lambda a: 4 * flat_numel + 32 * sum(len(r) for r in a.records.values())
-    return lambda a: 8 * numel
-
-
 # --- the engine, scaled -----------------------------------------------------------------
 
 class AnalyticSimulation(Simulation):
@@ -255,13 +249,15 @@ def run_analytic(name: str, algo_cfg: Any, sim: SimConfig, scenario: Scenario,
 
     net = scenario.network(sim.seed)
     net.fast_bytes = fast_bytes
+    # Joiners download stand-in states; charge them at the configured model's size.
+    probe = make_stand_in(name, algo_cfg, "probe", 0, ids, sim.seed)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # stand-in tensors are tiny: threads only contend (100×)
     t0 = time.perf_counter()
     engine = AnalyticSimulation(
         specs, lambda s: make_stand_in(name, algo_cfg, s.id, by_id[s.id], ids, sim.seed),
         net, size_of=sizer, steps=sim.steps, seed=sim.seed, max_seconds=sim.max_hours * 3600,
-        sync_bytes=sync_bytes_of(name, numel, flat_numel), on_step=on_step)
+        joins=Joins(hostile=scenario.hostile, scale=numel / probe.numel), on_step=on_step)
     try:
         engine.run()
     finally:
@@ -307,6 +303,7 @@ def summarize(engine: Simulation, ids: list[str], rounds_per_step: float,
         "sync_seconds_mean": statistics.fmean(sync) if sync else 0.0,
         "messages_delivered": engine.counts["messages"],
         "joins": engine.counts["joins"], "leaves": engine.counts["leaves"],
+        "catch_up": engine.joins.summary() if engine.joins is not None else None,
         "totals": dict(sorted(counters.items())),
         # φ for NoLoCo/DiLoCo, θ for SPSA: DiLoCo and SPSA keep one, NoLoCo drifts apart.
         "distinct_replicas": len({getattr(st.algo, "phi", getattr(st.algo, "theta", None))

@@ -111,5 +111,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {name:7s} val loss {s['final_val_loss']:.3f}"
               f"  virtual {s['virtual_seconds']:8.1f} s"
               f"  sent/peer {s['bytes_sent_per_peer']['mean'] / 1e6:9.3f} MB"
-              f"  idle {100 * s['idle_fraction']:4.1f}%")
+              f"  idle {100 * s['idle_fraction']:4.1f}%"
+              + catch_up_line(s.get("catch_up")))
     return 0
+
+
+def catch_up_line(c: dict | None) -> str:
+    """Joiners' catch-ups, measured through the machine (sim/joining.py), if any."""
+    if not c or not c["joins"]:
+        return ""
+    secs = "n/a" if c["seconds_mean"] is None else f"{c['seconds_mean']:.1f} s"
+    mb = "n/a" if c["bytes_mean"] is None else f"{c['bytes_mean'] / 1e6:.2f} MB"
+    line = f"  catch-up {c['caught_up']}/{c['joins']} in {secs}, {mb}"
+    if c["sybils"]:
+        line += f", poisoned {c['poisoned']} (sybils {c['sybils']}, refused {c['refused']})"
+    return line

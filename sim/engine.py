@@ -17,7 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from byteswarm.optim.sansio import EVERYONE, Algorithm
+from byteswarm.protocols import catchup as C
+from byteswarm.protocols.serving import ServedStore
 
+from .joining import Joins
 from .network import INF, Link, Network
 
 
@@ -53,18 +56,15 @@ class PeerState:
     slow_left: int = 0
     timer_version: int = 0
     step_losses: list[float] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class SyncState:
-    """The state download a joiner makes from ``donor`` before it contributes."""
-
-    donor: str
+    store: ServedStore = field(default_factory=ServedStore)  # what it serves joiners
+    marks: dict[int, str] = field(default_factory=dict)  # its latest published marks
+    catchup: C.CatchUp | None = None  # while it catches up with the swarm
+    catchup_started: float = 0.0
 
 
 @dataclass(frozen=True)
 class Event:
-    kind: str  # "step", "deliver", "timer", "join", "leave", "synced"
+    kind: str  # "step", "deliver", "timer", "join", "leave", "catchup_timer"
     peer: str
     data: Any = None
 
@@ -75,14 +75,14 @@ class Simulation:
     def __init__(self, specs: list[PeerSpec], make_algo: Callable[[PeerSpec], Algorithm],
                  network: Network, *, size_of: Callable[[Any], int], steps: int,
                  seed: int = 0, max_seconds: float = INF,
-                 sync_bytes: Callable[[Algorithm], int] | None = None,
+                 joins: Joins | None = None,
                  on_step: Callable[[Simulation, str, dict], None] | None = None):
         self.net = network
         self.size_of = size_of
         self.make_algo = make_algo
         self.target = steps
         self.max_seconds = max_seconds
-        self.sync_bytes = sync_bytes
+        self.joins = joins  # None: a returning peer starts from its own new object
         self.on_step = on_step
         self.rng = random.Random(seed)
         self.now = 0.0
@@ -131,15 +131,10 @@ class Simulation:
         self._joins_pending -= 1
         st = self.peers[ev.peer]
         self.net.add_peer(ev.peer, st.spec.link, st.spec.region)
-        donors = [p for p in self.alive() if self.peers[p].steps > 0]
         st.algo = self.make_algo(st.spec)
-        if donors and self.sync_bytes is not None:
-            # A joiner syncs state from a live peer before it contributes.
-            donor = self.rng.choice(donors)
-            self.counts["joins"] += 1
+        if self.joins is not None and self.joins.start(self, ev.peer):
+            self.counts["joins"] += 1  # it catches up before it contributes
             self._syncing.add(ev.peer)
-            self.net.send(donor, ev.peer, self.sync_bytes(self.peers[donor].algo),
-                          SyncState(donor), self.now)
             return
         self._activate(ev.peer)
 
@@ -151,6 +146,11 @@ class Simulation:
 
     def _on_leave(self, ev: Event) -> None:
         st = self.peers[ev.peer]
+        if st.catchup is not None:  # it leaves while still catching up
+            st.catchup = None
+            self._syncing.discard(ev.peer)
+            self.net.remove_peer(ev.peer, self.now)
+            return
         if not st.alive:
             return
         st.alive = False
@@ -182,23 +182,28 @@ class Simulation:
             self._on_leave(Event("leave", ev.peer))
 
     def _on_deliver(self, ev: Event) -> None:
-        st = self.peers[ev.peer]
         d = ev.data
-        if isinstance(d.payload, SyncState):
-            self._syncing.discard(ev.peer)
-            if not st.alive and st.algo is not None:
-                # State sync for a joiner finished: copy the donor's state as it is now.
-                donor = self.peers[d.payload.donor]
-                if donor.algo is not None:
-                    st.algo.import_state(donor.algo.export_state())
-                    st.steps = donor.steps
-                self._activate(ev.peer)
+        if self.joins is not None and self.joins.handles(d.payload):
+            self.joins.deliver(self, d)  # a catch-up's request or reply (a Sybil's too)
             return
+        st = self.peers[ev.peer]
         if not st.alive:
             return
         self.counts["messages"] += 1
         st.algo.on_message(d.src, d.payload, self.now)
         self._after_feed(ev.peer)
+
+    def _on_catchup_timer(self, ev: Event) -> None:
+        st = self.peers[ev.peer]
+        if st.catchup is not None and ev.data == st.timer_version:
+            st.catchup.on_timer(self.now)
+            self.joins.pump(self, ev.peer)
+
+    def finish_join(self, peer: str, steps: int) -> None:
+        """A joiner's catch-up ended (sim/joining.py): it starts contributing."""
+        self._syncing.discard(peer)
+        self.peers[peer].steps = steps
+        self._activate(peer)
 
     def _on_timer(self, ev: Event) -> None:
         st = self.peers[ev.peer]
@@ -211,6 +216,8 @@ class Simulation:
     def _after_feed(self, peer: str) -> None:
         """Flush the outbox, re-arm the timer, start the next step if allowed."""
         st = self.peers[peer]
+        if self.joins is not None:
+            self.joins.publish(st)  # what it serves joiners, and its marks
         for send in st.algo.outbox():
             size = self.size_of(send.msg)
             dests = [p for p in self.alive() if p != peer] if send.to == EVERYONE else [send.to]
@@ -250,6 +257,9 @@ class Simulation:
             return False
         return all(st.steps >= self.target for st in alive) and \
             all(st.algo.next_deadline() is None for st in alive)
+
+    def push_event(self, at: float, kind: str, peer: str, data: Any = None) -> None:
+        self._push(at, Event(kind, peer, data))
 
     def _push(self, at: float, ev: Event) -> None:
         self._joins_pending += ev.kind == "join"

@@ -20,6 +20,7 @@ from byteswarm.protocols import wire
 
 from .batched import ReplicaBank
 from .engine import Simulation
+from .joining import Joins
 from .scenario import Scenario
 
 
@@ -94,10 +95,10 @@ def run_algorithm(name: str, algo_cfg: Any, sim: SimConfig, scenario: Scenario, 
                                 "loss": round(statistics.fmean(recent), 6),
                                 "val_loss": round(val, 6)})
 
+    joins = Joins(hostile=scenario.hostile)
     engine = Simulation(specs, make, scenario.network(sim.seed), steps=sim.steps, seed=sim.seed,
                         size_of=lambda m: wire_size(m, swarm),
-                        max_seconds=sim.max_hours * 3600,
-                        sync_bytes=entry.sync_bytes, on_step=on_step)
+                        max_seconds=sim.max_hours * 3600, joins=joins, on_step=on_step)
     engine.run()
 
     alive = [st for st in engine.peers.values() if st.alive]
@@ -126,6 +127,7 @@ def run_algorithm(name: str, algo_cfg: Any, sim: SimConfig, scenario: Scenario, 
         "joins": engine.counts["joins"], "leaves": engine.counts["leaves"],
         "rejects": _sum_rejects(stats),
         "batched": bank.stats() if bank is not None and bank.counts["adopted"] else None,
+        "catch_up": joins.summary(),
     }
     if name == "spsa":
         result.summary["replicas_identical"] = len({st.algo.fingerprint() for st in alive

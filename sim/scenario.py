@@ -15,6 +15,7 @@ from pathlib import Path
 from byteswarm.optim.config import ConfigError, from_mapping, load_toml, opt
 
 from .engine import PeerSpec
+from .joining import Hostile
 from .network import INF, Link, Network
 
 
@@ -53,6 +54,7 @@ class Scenario:
     region_latency_ms: dict[str, float]
     churn: Churn
     rto_s: float = 1.0
+    hostile: Hostile = Hostile()
 
     def peer_specs(self, n: int, steps: int, forwards_per_step: float) -> list[PeerSpec]:
         """n peers dealt to groups by share (largest remainder, in group order)."""
@@ -112,7 +114,8 @@ def load_scenario(name_or_path: str) -> Scenario:
 
 
 def parse_scenario(name: str, data: dict) -> Scenario:
-    known = {"description", "forward_seconds", "group", "region_latency_ms", "churn", "rto_s"}
+    known = {"description", "forward_seconds", "group", "region_latency_ms", "churn", "rto_s",
+             "hostile"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"scenario {name}: unknown key {unknown[0]!r}")
@@ -135,4 +138,6 @@ def parse_scenario(name: str, data: dict) -> Scenario:
                     forward_seconds=float(fwd), groups=parsed,
                     region_latency_ms={k: float(v) for k, v in lat.items()},
                     churn=from_mapping(Churn, data.get("churn", {}), where=f"scenario {name}"),
-                    rto_s=float(data.get("rto_s", 1.0)))
+                    rto_s=float(data.get("rto_s", 1.0)),
+                    hostile=from_mapping(Hostile, data.get("hostile", {}),
+                                         where=f"scenario {name} [hostile]"))

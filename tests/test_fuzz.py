@@ -47,9 +47,9 @@ KEY = Ed25519PrivateKey.from_private_bytes(b"\x05" * 32)
 ME = S.peer_id_of_key(S.public_key_bytes(KEY))
 
 
-def bounded(fn, data, *, allowed=(Rejected,)):
+def bounded(fn, data, *, allowed=(Rejected,), extra: int = 0):
     """Call ``fn(data)``: it may return or raise ``allowed``; its peak allocation is
-    bounded by the input's size."""
+    bounded by the input's size (plus ``extra`` fixed bytes)."""
     tracemalloc.start()
     try:
         fn(data)
@@ -58,7 +58,8 @@ def bounded(fn, data, *, allowed=(Rejected,)):
     finally:
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-    assert peak <= SLACK + FACTOR * len(data), f"{peak} bytes for a {len(data)}-byte input"
+    assert peak <= SLACK + extra + FACTOR * len(data), \
+        f"{peak} bytes for a {len(data)}-byte input"
 
 
 # --- valid encodings to start from -----------------------------------------------------------
@@ -326,25 +327,28 @@ def test_part_sizes_agree_with_part_bounds(numel, n_parts, data):
     assert wire._part_numel(wire.Context(numel=numel), part, n_parts) == hi - lo
 
 
-# --- state downloads (node/statesync.py, node/outersync.py, node/sealing.py) -------------
+# --- state downloads (protocols/state.py; node/sealing.py opens sealed logs) -------------
 
 def _state_seeds():
-    from byteswarm.node import outersync, statesync
     from byteswarm.node.sealing import Sealer
-    from byteswarm.optim.spsa import Snapshot
+    from byteswarm.optim.inner import OuterState
+    from byteswarm.optim.spsa import RecordLog, Snapshot, SPSAState
+    from byteswarm.protocols import state as P
 
-    snap = statesync.snapshot_blob(Snapshot(40, torch.arange(N, dtype=torch.float32), 0.5,
-                                            {41: 1.0}))
-    outer = outersync.outer_blob({"round": 3, "phi": torch.ones(N),
-                                  "momentum": torch.zeros(N)})
+    snap = Snapshot(40, torch.arange(N, dtype=torch.float32), 0.5, {41: 1.0})
+    blob = P.pack_snapshot(snap)
+    outer = P.pack_outer(OuterState(3, torch.ones(N), torch.zeros(N)))
+    log = RecordLog(42, {41: {ME: 1}, 42: {ME: -2}})
     sealer = Sealer(KEY, "s", CTX)
     for t in (41, 42):
         rec = Record(t, ME, t)
         sealer.keep(rec, sealer.seal(rec), 0, 100)
-    return {"request": [msgpack.packb(["chunk", 40, 2]), msgpack.packb(["latest", 0, 0])],
-            "index": [statesync.make_index(40, snap)], "snapshot": [snap], "outer": [outer],
-            "log": [statesync.log_blob(42, {41: {ME: 1}, 42: {ME: -2}})],
-            "sealed": [sealer.log_blob(42, {41: {ME: 41}, 42: {ME: 42}})]}
+    return {"request": [P.pack_request("chunk", 40, 2), P.pack_request("latest"),
+                        P.pack_request("state")],
+            "index": [P.make_index(40, blob)], "snapshot": [blob], "outer": [outer],
+            "served": [blob, outer], "log": [P.pack_log(log)],
+            "state": [P.pack_state(SPSAState(snap, log.closed, log.records)), outer],
+            "sealed": [sealer.log_blob(RecordLog(42, {41: {ME: 41}, 42: {ME: 42}}))]}
 
 
 STATE = _state_seeds()
@@ -353,15 +357,103 @@ STATE = _state_seeds()
 @FUZZ
 @given(st.data())
 def test_state_download_decoders(data):
-    from byteswarm.node import outersync, statesync
     from byteswarm.node.sealing import Sealer
+    from byteswarm.protocols import state as P
 
     sealer = Sealer(KEY, "s", CTX)
-    decoders = {"request": statesync.parse_request,
-                "index": lambda d: statesync.parse_index(d, None, 1 << 20),
-                "snapshot": lambda d: statesync.parse_snapshot(d, N),
-                "outer": lambda d: outersync.parse_outer(d, N),
-                "log": lambda d: statesync.parse_log(d, 40),
+    decoders = {"request": P.parse_request,
+                "index": lambda d: P.parse_index(d, None, 1 << 20),
+                "snapshot": lambda d: P.parse_snapshot(d, N),
+                "outer": lambda d: P.parse_outer(d, N),
+                "served": lambda d: P.parse_served(d, N),
+                "log": lambda d: P.parse_log(d, 40),
+                "state": lambda d: P.parse_state(d, N),
                 "sealed": lambda d: sealer.parse_log(d, 40)}
     name = data.draw(st.sampled_from(sorted(decoders)))
-    bounded(decoders[name], data.draw(inputs(STATE[name])))
+    _bounded_readers(decoders[name], data.draw(inputs(STATE[name])),
+                     2 if name in ("served", "state") else 1)
+
+
+def _reader_cost() -> int:
+    """tracemalloc's peak for one msgpack.Unpacker, whatever it reads: ~42 kB, its parse
+    stack (a fixed-size array inside the object)."""
+    tracemalloc.start()
+    try:
+        msgpack.Unpacker(max_buffer_size=1)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+READER = _reader_cost()
+
+
+def _bounded_readers(fn, data, readers):
+    """``bounded``, where ``readers`` protocols.state Readers are alive at once (a whole
+    state and a served state read their outer array, then hand each piece to its own
+    parser): each costs a fixed ``READER`` bytes, none grows with what a header claims."""
+    bounded(fn, data, extra=(readers - 1) * READER)
+
+
+# --- bombs: nesting and header claims that msgpack's length limits alone do not bound ------
+
+def _rejected_within_bounds(fn, data):
+    """``fn(data)`` raises Rejected (not RecursionError, not MemoryError) and its peak
+    allocation stays within this file's bound, far below the megabytes a bomb asks for."""
+    tracemalloc.start()
+    try:
+        try:
+            fn(data)
+        except Rejected as e:
+            reason = e.reason
+        else:
+            raise AssertionError("a bomb was accepted")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak <= min(5 << 20, SLACK + FACTOR * len(data)), f"{peak} bytes"
+    return reason
+
+
+def _in_manifest(inner: bytes) -> bytes:
+    """``inner`` as the value of [model] in an otherwise plausible canonical map."""
+    return b"\x82\xa6format\x01\xa5model" + inner
+
+
+BOMBS = {
+    "arrays_1000_deep": b"\x91" * 1000 + b"\x00",
+    "maps_1000_deep": b"\x81\xa1a" * 1000 + b"\x00",
+    "arrays_1000_deep_inside_a_table": _in_manifest(b"\x91" * 1000 + b"\x00"),
+    # 10 kB of array16 headers, each claiming the most items max_array_len allows: msgpack
+    # reserved a list of that size per level, about 8 MB, before its stack ran out.
+    "array_headers_claiming_1000": b"\xdc\x03\xe8" * 3400,
+    "array32_headers_claiming_4g": b"\xdd\xff\xff\xff\xff" * 2000,
+    "map32_headers_claiming_4g": _in_manifest(b"\xdf\xff\xff\xff\xff" * 2000),
+    "maps_and_arrays_alternating": b"\x81\xa1a\x91" * 2500,
+}
+
+
+def test_manifest_bombs_are_rejected_within_bounds():
+    for name, bomb in BOMBS.items():
+        assert _rejected_within_bounds(M.from_canonical, bomb) == "bad_manifest", name
+        signed = msgpack.packb([M.FORMAT, bomb, b"\0" * 64], use_bin_type=True)
+        assert _rejected_within_bounds(M.decode_signed, signed) == "bad_manifest", name
+        # verify hashes before it parses: a bomb under the right id is parsed all the same.
+        sid = swarmid.of_bytes(bomb)
+        assert _rejected_within_bounds(lambda d, sid=sid: M.verify(d, sid),
+                                       signed) == "bad_manifest", name
+
+
+def test_signed_envelope_bombs_are_rejected_within_bounds():
+    for bomb in (b"\x91" * 1000 + b"\x00", b"\x93" * 3000, b"\xdd\xff\xff\xff\xff" * 2000):
+        assert _rejected_within_bounds(M.decode_signed, bomb) == "malformed"
+        assert _rejected_within_bounds(lambda d: M.verify(d, SID), bomb) == "malformed"
+
+
+@FUZZ
+@given(st.lists(st.sampled_from([b"\x91", b"\x81\xa1a", b"\xdc\x03\xe8", b"\xdf\x00\x10",
+                                 b"\x92\x00"]), min_size=1, max_size=1500),
+       st.binary(max_size=8))
+def test_nested_headers_never_escape_as_anything_but_rejected(headers, tail):
+    data = _in_manifest(b"".join(headers) + tail)
+    bounded(M.from_canonical, data)

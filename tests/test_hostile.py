@@ -7,12 +7,13 @@ import asyncio
 import math
 import signal
 import time
+from pathlib import Path
 
 import pytest
 from byteswarm.node.identity import create_identity, load_identity
 from byteswarm.node.transport import parse_members, write_frame
 from byteswarm.optim.spsa import Record
-from byteswarm.protocols import signing, wire
+from byteswarm.protocols import records, signing, wire
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hivemind import DHT
 from hivemind.p2p import PeerID
@@ -20,15 +21,14 @@ from hivemind.utils.timed_storage import get_dht_time
 from test_node import by_step, launch, outer_config, spsa_config  # noqa: F401  (launch is a fixture)
 
 
-async def as_member(maddr: str, swarm: str, seconds: float, act,
-                    identity: str | None = None) -> int:
+async def as_member(maddr: str, swarm: str, seconds: float, act, identity: str) -> int:
     """Join the swarm's DHT and heartbeat as a member for ``seconds``; ten times a second
     call ``act(me, peer, member, everyone)`` for each other member, which returns the
     frames to send that peer. ``seconds`` count from the first frame sent; at the end each
     stream gets an oversized frame header. Returns how many frames were sent."""
-    dht = DHT(initial_peers=[maddr], start=True, client_mode=False,
-              **({"identity_path": identity, "check_if_identity_free": False}
-                 if identity else {}))
+    dht = DHT(initial_peers=[maddr], start=True, client_mode=False, identity_path=identity,
+              check_if_identity_free=False)
+    key, peers_key = load_identity(Path(identity)), f"{swarm}.peers"
     p2p = await dht.replicate_p2p()
     me = p2p.peer_id.to_base58()
     writers, frames = {}, 0
@@ -37,10 +37,15 @@ async def as_member(maddr: str, swarm: str, seconds: float, act,
     stop, give_up = math.inf, time.monotonic() + seconds + 60
     try:
         while time.monotonic() < min(stop, give_up):
-            await dht.store(f"{swarm}.peers", {"progress": 0, "client": False},
-                            get_dht_time() + 4, subkey=me, return_future=True)
-            found = await dht.get(f"{swarm}.peers", latest=True, return_future=True)
-            members = {p: m for p, m in parse_members(found, get_dht_time()).items() if p != me}
+            # A heartbeat signed like a member's: it passes every validator, as a real
+            # member's would (its lies are in what it sends, not in its DHT entry).
+            exp = get_dht_time() + 4
+            entry = records.seal_entry(key, dht_key=peers_key, expiration=exp,
+                                       body={"progress": 0, "client": False})
+            await dht.store(peers_key, entry, exp, subkey=me, return_future=True)
+            found = await dht.get(peers_key, latest=True, return_future=True)
+            members = {p: m for p, m in parse_members(found, get_dht_time(), key=peers_key)
+                       .items() if p != me}
             for peer, m in members.items():
                 if peer not in writers:
                     _, _, writers[peer] = await p2p.call_binary_stream_handler(
@@ -115,7 +120,7 @@ def test_honest_nodes_ban_a_lying_member_and_stay_identical(launch, tmp_path):  
     assert val[-1] < val[0] - 0.3, val
 
 
-def hostile_noloco(maddr: str, swarm: str, seconds: float, inner_steps: int) -> int:
+def hostile_noloco(maddr: str, swarm: str, seconds: float, inner_steps: int, tmp_path) -> int:
     """Shares with NaNs or an update 1000× too large, by turns, to the peer it is paired
     with (the draw is public), which waits for it."""
     import torch
@@ -139,7 +144,8 @@ def hostile_noloco(maddr: str, swarm: str, seconds: float, inner_steps: int) -> 
                 share = NoLoCoShare(r, codec.compress(phi), poison[turn % 2])
                 yield wire.encode(share, swarm=swarm)
 
-    return asyncio.run(as_member(maddr, swarm, seconds, act))
+    create_identity(tmp_path / "hostile.key")
+    return asyncio.run(as_member(maddr, swarm, seconds, act, str(tmp_path / "hostile.key")))
 
 
 @pytest.mark.slow
@@ -149,7 +155,7 @@ def test_noloco_nodes_drop_nan_and_poisoned_shares_and_learn(launch, tmp_path): 
     a = launch("a", *common)
     maddr = a.maddr()
     b = launch("b", *common, "--initial-peers", maddr)
-    sent = hostile_noloco(maddr, "t", seconds=18.0, inner_steps=5)
+    sent = hostile_noloco(maddr, "t", seconds=18.0, inner_steps=5, tmp_path=tmp_path)
     for n in (a, b):
         n.proc.send_signal(signal.SIGTERM)
     for n in (a, b):

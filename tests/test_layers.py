@@ -62,3 +62,36 @@ def test_checker_catches_a_violation(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     assert violations("optim") == ["optim/bad.py:1 imports hivemind",
                                    "optim/bad.py:2 imports byteswarm.sim"]
+
+
+# A driver that asks which algorithm it holds is missing a method of the state contract
+# (optim/sansio.py): outside optim/, no isinstance may name one.
+ALGORITHM_CLASSES = {"SPSA", "NoLoCo", "DiLoCo"}
+
+
+def algorithm_switches(root: Path, packages: tuple[str, ...]) -> list[str]:
+    bad = []
+    for package in packages:
+        for path in sorted((root / package).rglob("*.py")):
+            tree = ast.parse(path.read_text(), filename=str(path))
+            for node in ast.walk(tree):
+                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                        and node.func.id in ("isinstance", "issubclass") and len(node.args) == 2):
+                    names = {n.id if isinstance(n, ast.Name) else n.attr
+                             for n in ast.walk(node.args[1])
+                             if isinstance(n, (ast.Name, ast.Attribute))}
+                    if names & ALGORITHM_CLASSES:
+                        bad.append(f"{path.relative_to(root)}:{node.lineno}")
+    return bad
+
+
+def test_no_driver_asks_which_algorithm_it_holds():
+    assert algorithm_switches(ROOT, ("protocols", "node", "sim", "scripts")) == []
+
+
+def test_switch_checker_catches_one(tmp_path):
+    (tmp_path / "node").mkdir()
+    (tmp_path / "node" / "d.py").write_text(
+        "ok = isinstance(x, dict)\nif isinstance(a, SPSA | algo.NoLoCo):\n    pass\n"
+        "b = isinstance(a, (int, DiLoCo))\n")
+    assert algorithm_switches(tmp_path, ("node",)) == ["node/d.py:2", "node/d.py:4"]

@@ -281,3 +281,36 @@ def test_the_stdlib_corpus_is_pinned_to_the_creators_bytes(signed, monkeypatch):
         M.check_stdlib_pin(pin, bigger)
     with pytest.raises(ConfigError, match="corpus"):
         M.parse(toml().replace("[data]\n", '[data]\ncorpus = "stdlib-3.11:sha256:00"\n'))
+
+
+def test_shape_check_bounds_nesting_claims_and_framing(signed):
+    canonical = M.canonical_bytes(signed.manifest)
+    M._check_shape(canonical, M.MAX_DEPTH, "bad_manifest")  # a real manifest passes
+    M._check_shape(canonical, 2, "bad_manifest")  # ... and nests only two deep
+    with pytest.raises(Rejected, match="nested more than 1 deep"):
+        M._check_shape(canonical, 1, "bad_manifest")
+    deep = msgpack.packb({"model": [[[[0]]]]})  # 5 containers
+    M._check_shape(msgpack.packb({"model": [[[0]]]}), M.MAX_DEPTH, "x")
+    for blob, match in [(deep, "nested more than 4 deep"),
+                        (b"\x92\x00", "claims 2 items"), (b"\x92\xa3ab", "truncated"),
+                        (b"\xa5abc", "truncated"),
+                        (b"\xc4\x05ab", "truncated"), (b"\x00\x00", "1 bytes after"),
+                        (b"\xc1", "0xc1"), (b"\xdd\x00\x01\x00\x00\x00", "claims 65536 items")]:
+        with pytest.raises(Rejected, match=match) as e:
+            M._check_shape(blob, M.MAX_DEPTH, "bad_manifest")
+        assert e.value.reason == "bad_manifest"
+    # Every msgpack type the shape check skips over reads back as msgpack reads it.
+    every = msgpack.packb([None, True, 1.5, -3, 1 << 40, -(1 << 40), "s" * 40, b"b" * 300,
+                           msgpack.ExtType(5, b"e" * 3), msgpack.ExtType(6, b"x" * 16),
+                           {"k": [1, {"m": 2}]}], use_bin_type=True)
+    M._check_shape(every, 4, "x")
+    with pytest.raises(Rejected):
+        M._check_shape(every[:-1], 4, "x")
+
+
+def test_deep_toml_and_deep_canonical_are_refused_not_crashed():
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        M.parse("name = " + "[" * 1000 + "]" * 1000)
+    assert reason(M.from_canonical, b"\x91" * 1000 + b"\x00").reason == "bad_manifest"
+    assert reason(M.from_canonical, bytearray(M.MAX_SIGNED + 1)).reason == "bad_manifest"
+    assert reason(M.from_canonical, "text").reason == "bad_manifest"

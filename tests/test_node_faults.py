@@ -9,10 +9,10 @@ import signal
 
 import msgpack
 import pytest
-from byteswarm.node.driver import STATE_REQUEST
 from byteswarm.node.identity import ensure_identity
 from byteswarm.node.transport import read_frame, write_frame
 from byteswarm.optim.spsa import Record
+from byteswarm.protocols import state as P
 from byteswarm.protocols import wire
 from hivemind.p2p import P2P, PeerID
 from test_node import by_step, launch, outer_config, spsa_config  # noqa: F401  (launch is a fixture)
@@ -36,8 +36,8 @@ def test_killed_spsa_peer_comes_back_resumes_and_resyncs(launch, tmp_path):  # n
 
     back = launch("c", *common, "--shard", "2", "--initial-peers", maddr)
     # A snapshot both others hold, in chunks from both, each checked, then the records since.
-    m = back.wait_for(lambda: re.search(r"synced from 2 peer\(s\), snapshot of step \d+ in "
-                                        r"checked chunks: now at step (\d+)", back.text()),
+    m = back.wait_for(lambda: re.search(r"synced from 2 peer\(s\) \(2 identical, [\d.]+ MB\): "
+                                        r"now at step (\d+)", back.text()),
                       60, "the state download")
     resumed = re.search(r"resumed from \S+ at step (\d+)", back.text())
     assert resumed and int(resumed.group(1)) >= 20 and int(resumed.group(1)) % 10 == 0
@@ -74,6 +74,13 @@ async def attack(maddr: str, swarm: str) -> dict:
     try:
         me = p2p.peer_id.to_base58()
         target = PeerID.from_base58(maddr.split("/p2p/")[1])
+        # A stranger (never a member, never streamed to it) is not served.
+        _, r0, w0 = await p2p.call_binary_stream_handler(target, f"/byteswarm/{swarm}/state/1")
+        await write_frame(w0, P.pack_request("state"))
+        try:
+            refused = not await asyncio.wait_for(read_frame(r0, 1 << 26), 10)
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            refused = True
         _, _, w = await p2p.call_binary_stream_handler(target, f"/byteswarm/{swarm}/msg/1")
         frames = [
             b"\x93\x01\x02",  # truncated msgpack
@@ -90,9 +97,9 @@ async def attack(maddr: str, swarm: str) -> dict:
         await w.drain()
         await asyncio.sleep(1.0)
         _, r2, w2 = await p2p.call_binary_stream_handler(target, f"/byteswarm/{swarm}/state/1")
-        await write_frame(w2, STATE_REQUEST)
+        await write_frame(w2, P.pack_request("state"))
         blob = await asyncio.wait_for(read_frame(r2, 1 << 26), 10)
-        return {"me": me, "state_bytes": len(blob)}
+        return {"me": me, "state_bytes": len(blob), "refused_stranger": refused}
     finally:
         await p2p.shutdown()
 
@@ -105,6 +112,7 @@ def test_junk_from_a_peer_is_counted_and_the_node_goes_on(launch):  # noqa: F811
     assert maddr.endswith("/p2p/" + key_id)  # the libp2p id is our Ed25519 key
     a.wait_step(5, timeout=60)
     got = asyncio.run(attack(maddr, "t"))
+    assert got["refused_stranger"]  # then, having talked to it, it is served
     assert got["state_bytes"] > 4 * 136_000
     before = a.step()
     a.wait_step(before + 20, timeout=30)  # still training
@@ -115,6 +123,7 @@ def test_junk_from_a_peer_is_counted_and_the_node_goes_on(launch):  # noqa: F811
                    "bad_field", "too_far_ahead"):
         assert s["rejects"].get(reason, 0) >= 1, (reason, s["rejects"])
     assert s["transport_events"]["oversized_frame"] == 1
+    assert s["transport_events"]["state_not_member"] == 1
     assert s["sent_by_type"]["state"] == got["state_bytes"] + 8
 
 
@@ -157,11 +166,12 @@ def test_a_late_diloco_joiner_takes_the_outer_state_its_donors_agree_on(launch, 
               for k, n in ((1, "b"), (2, "c"))]
     a.wait_step(10, timeout=120)
     d = launch("d", *common, "--shard", "3", "--initial-peers", maddr)
-    m = d.wait_for(lambda: re.search(r"synced from (\d) peer\(s\), outer state of round (\d+) "
-                                     r"in checked chunks \((\d) identical\): now at step (\d+)",
+    m = d.wait_for(lambda: re.search(r"synced from (\d) peer\(s\) \((\d) identical, "
+                                     r"[\d.]+ MB\): now at step (\d+)",
                                      d.text()), 90, "the outer state download")
-    assert int(m.group(1)) >= 2 and int(m.group(3)) >= 2
-    start = int(m.group(4))
+    assert int(m.group(1)) >= 2 and int(m.group(2)) >= 2
+    start = int(m.group(3))
+    assert start >= 5 and start % 5 == 0  # at the start of a round the donors began (H = 5)
     d.wait_step(start + 30, timeout=60)
     for n in (a, *others, d):
         n.proc.send_signal(signal.SIGTERM)

@@ -6,22 +6,24 @@ from __future__ import annotations
 
 import os
 import pickle
-from types import SimpleNamespace
+from pathlib import Path
 
 import pytest
 import torch
 from byteswarm.node import algos as A
-from byteswarm.node.algos import outvoted
 from byteswarm.node.cli import main
 from byteswarm.node.identity import ensure_identity
-from byteswarm.node.transport import Member, parse_marks, parse_members
+from byteswarm.node.transport import Member, parse_marks
 from byteswarm.optim.config import ConfigError
 from byteswarm.optim.data import DataConfig
+from byteswarm.optim.files import load_checkpoint, save_checkpoint
 from byteswarm.optim.model import ModelConfig
 from byteswarm.optim.noloco import NoLoCoConfig
 from byteswarm.optim.sansio import Rejected
 from byteswarm.optim.spsa import SPSAConfig
 from byteswarm.optim.workload import load_workload
+from byteswarm.protocols import state as P
+from byteswarm.protocols.splits import Marks
 from hivemind.p2p import P2P
 
 
@@ -58,30 +60,14 @@ def test_identity_refuses_loose_permissions_junk_and_rsa(tmp_path):
         ensure_identity(rsa)
 
 
-# --- membership -----------------------------------------------------------------------------
+# --- membership (heartbeats are signed: tests/test_dht_records.py reads whole entries) -------
 
-def entry(value, expires):
-    return SimpleNamespace(value=value, expiration_time=expires)
-
-
-def test_members_are_parsed_defensively():
-    ok = {"progress": 3, "client": False}
-    found = entry({"alive": entry(ok, 20.0), "expired": entry(ok, 5.0),
-                   7: entry(ok, 20.0), "x" * 200: entry(ok, 20.0),
-                   "bad_progress": entry({"progress": -1, "client": False}, 20.0),
-                   "float_progress": entry({"progress": 1.5, "client": False}, 20.0),
-                   "no_dict": entry([1, 2], 20.0),
-                   "client": entry({"progress": 0, "client": True}, 20.0),
-                   "syncing": entry({**ok, "syncing": True}, 20.0),
-                   "odd_syncing": entry({**ok, "syncing": "yes"}, 20.0)}, 20.0)
-    got = parse_members(found, now=10.0)
-    assert sorted(got) == ["alive", "client", "odd_syncing", "syncing"]
-    assert got["alive"].progress == 3 and got["client"].client
-    assert got["syncing"].syncing and not got["odd_syncing"].syncing
-    assert not got["alive"].syncing
-    assert parse_members(None, 0.0) == {} and parse_members(entry("str", 9.0), 0.0) == {}
-    many = entry({f"p{i}": entry(ok, 20.0) for i in range(50)}, 20.0)
-    assert len(parse_members(many, 10.0, limit=10)) == 10
+def outvoted(own: dict[int, str], members: dict[str, Member], me: str) -> list[str]:
+    """protocols/splits.py's verdict from our marks and the members' published ones."""
+    marks = Marks()
+    for mark in sorted(own.items()):
+        marks.add(mark)
+    return marks.outvoted({p: m.marks for p, m in members.items()}, me)
 
 
 def test_marks_are_parsed_defensively_and_outvoted_peers_found():
@@ -129,13 +115,18 @@ def test_spsa_resync_keeps_the_records_the_donor_lacks(workload):
     # b holds its own record of a step a has not seen yet: a resync must not lose it.
     b.on_local_step(0.0)
     (mine,) = b.outbox()
-    A.load_sync_state(b, A.loads(A.dumps(A.sync_state(a))))
+    b.import_state(wire_copy(a.export_state(), a.theta.numel()))
     assert b.fingerprint() == a.fingerprint() and not b.can_step()
     a.on_message("b", mine.msg, 0.0)
     assert a.records[mine.msg.step] == b.records[mine.msg.step]
 
 
 # --- state: sync downloads are untrusted, checkpoints resume exactly --------------------------
+
+def wire_copy(state, numel):
+    """A donor's whole state as a joiner gets it: through its bytes (protocols/state.py)."""
+    return P.parse_state(P.pack_state(state), numel)
+
 
 def spsa(workload, peer="p0", steps=0):
     algo = A.make_algorithm("spsa", SPSAConfig(swarm="u"), peer, 0, 2, workload)
@@ -147,60 +138,79 @@ def spsa(workload, peer="p0", steps=0):
 def test_spsa_state_round_trips_through_bytes(workload):
     donor = spsa(workload, steps=7)
     joiner = spsa(workload, peer="p1")
-    A.load_sync_state(joiner, A.loads(A.dumps(A.sync_state(donor))))
+    joiner.import_state(wire_copy(donor.export_state(), donor.theta.numel()))
     assert joiner.fingerprint() == donor.fingerprint()
-    assert A.progress(joiner) == A.progress(donor) == 7
+    assert joiner.position() == donor.position() == 7
+
+
+def _set(obj, name, value):
+    setattr(obj, name, value)
 
 
 @pytest.mark.parametrize("spoil, reason", [
-    (lambda s: s["snap"].__setitem__("theta", s["snap"]["theta"][:-1]), "vector"),
-    (lambda s: s["snap"]["theta"].__setitem__(0, float("nan")), "not finite"),
-    (lambda s: s["snap"].__setitem__("theta", s["snap"]["theta"].double()), "vector"),
-    (lambda s: s.__setitem__("closed", -5), "closed"),
-    (lambda s: s.__setitem__("closed", 10**9), "closed"),
-    (lambda s: s["records"].__setitem__(6, {"p0": 500}), "q="),
-    (lambda s: s["records"].__setitem__(6, "junk"), "records of step"),
-    (lambda s: s["snap"].__setitem__("g2", float("inf")), "g2"),
-    (lambda s: s.pop("snap"), "without snap"),
+    (lambda s: _set(s.snap, "theta", s.snap.theta[:-1]), "vector"),
+    (lambda s: s.snap.theta.__setitem__(0, float("nan")), "not finite"),
+    (lambda s: _set(s.snap, "theta", s.snap.theta.double()), "vector"),
+    (lambda s: _set(s, "closed", -5), "closed"),
+    (lambda s: _set(s, "closed", 10**9), "closed"),
+    (lambda s: s.records.__setitem__(6, {"p0": 500}), "a record of step 6"),
+    (lambda s: s.records.__setitem__(6, "junk"), "records of step"),
+    (lambda s: _set(s.snap, "g2", float("inf")), "snapshot fields"),
+    (lambda s: _set(s, "snap", None), "not an SPSA state"),
 ])
 def test_spsa_sync_state_junk_is_rejected_untouched(workload, spoil, reason):
     donor = spsa(workload, steps=5)
-    state = A.loads(A.dumps(A.sync_state(donor)))
+    state = wire_copy(donor.export_state(), donor.theta.numel())
     spoil(state)
     joiner = spsa(workload, peer="p1")
     before = joiner.fingerprint()
-    with pytest.raises(Rejected, match=reason):
-        A.load_sync_state(joiner, state)
-    assert joiner.fingerprint() == before and A.progress(joiner) == 0
+    with pytest.raises(Rejected, match=reason) as e:
+        joiner.import_state(state)
+    assert e.value.reason == "bad_state"
+    assert joiner.fingerprint() == before and joiner.position() == 0
+    assert joiner.snap.step == -1 and joiner.records == {}
 
 
-def test_state_bytes_that_would_run_code_are_refused():
+def test_state_bytes_that_would_run_code_are_refused(workload, tmp_path):
+    # The wire carries msgpack that protocols/state.py reads field by field: a pickle (or a
+    # torch.save file, itself a pickle in a zip) is junk there, never code to run.
+    pwned = tmp_path / "pwned"
+
     class Evil:
         def __reduce__(self):
-            return (os.system, ("echo pwned",))
+            return (Path.touch, (pwned,))
 
-    with pytest.raises(Rejected, match="unreadable"):
-        A.loads(pickle.dumps(Evil()))
-    with pytest.raises(Rejected, match="unreadable"):
-        A.loads(b"\x00 not a torch file")
+    numel = 1000
+    donor = spsa(workload, steps=2)
+    checkpoint_bytes = tmp_path / "c.pt"
+    save_checkpoint(checkpoint_bytes, {"state": donor.state_dict(), "evil": Evil()})
+    for blob in (pickle.dumps(Evil()), checkpoint_bytes.read_bytes(),
+                 b"\x00 not a state"):
+        for parse in (P.parse_state, P.parse_served, P.parse_snapshot, P.parse_outer):
+            with pytest.raises(Rejected) as e:
+                parse(blob, numel)
+            assert e.value.reason == "bad_state"
+    assert not pwned.exists()
 
 
-def test_noloco_checkpoint_resumes_mid_round_exactly(workload):
+def test_noloco_checkpoint_resumes_mid_round_exactly(workload, tmp_path):
     cfg = NoLoCoConfig(inner_steps=5, warmup=0)
     a = A.make_algorithm("noloco", cfg, "p0", 0, 2, workload)
     for _ in range(3):
         a.on_local_step(0.0)
     b = A.make_algorithm("noloco", cfg, "p0", 0, 2, workload)
-    A.load_full_state(b, A.loads(A.dumps(A.full_state(a))))
-    assert A.progress(b) == 3
+    save_checkpoint(tmp_path / "c.pt", {"state": a.state_dict()})  # as the node does
+    b.load_state_dict(load_checkpoint(tmp_path / "c.pt")["state"])
+    assert b.position() == 3
     for algo in (a, b):
         algo.on_local_step(0.0)
     for pa, pb in zip(a.model.parameters(), b.model.parameters()):
         assert torch.equal(pa, pb)  # inner AdamW state and position came back too
-    bad = A.sync_state(a)
-    bad["delta"] = bad["delta"][:10]
-    with pytest.raises(Rejected, match="delta"):
-        A.load_sync_state(b, bad)
+    bad = a.export_state()
+    bad.momentum = bad.momentum[:10]  # NoLoCo's δ travels as the outer momentum
+    with pytest.raises(Rejected, match="momentum"):
+        b.import_state(bad)
+    assert b.position() == 4 and torch.equal(b.phi, a.phi)
 
 
 # --- configuration errors: one line, exit status 2, before any process starts --------------

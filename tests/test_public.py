@@ -62,7 +62,7 @@ def test_join_by_id_verifies_the_manifest_and_catches_up(launch, tmp_path):  # n
         assert n.wait(timeout=180) == 0, n.text()[-3000:]
     assert f"manifest of {sid} verified" in c.text()
     assert all("initial weights from" in n.text() for n in (a, b))
-    synced = re.search(r"synced from 2 peer\(s\), snapshot of step \d+ in checked chunks: "
+    synced = re.search(r"synced from 2 peer\(s\) \(2 identical, [\d.]+ MB\): "
                        r"now at step (\d+)", c.text())
     assert synced, c.text()[-3000:]
     rows = [by_step(n) for n in (a, b, c)]
