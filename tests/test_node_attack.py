@@ -75,3 +75,36 @@ def test_a_node_started_after_a_dht_attack_joins_and_catches_up(launch, tmp_path
             assert len({r[t]["fingerprint"] for r in rows}) == 1, t
     else:  # it started at a round boundary the donors had reached
         assert synced % 5 == 0
+
+
+@pytest.mark.slow
+def test_a_public_swarm_is_joined_after_a_dht_attack(launch, tmp_path):  # noqa: F811
+    from test_public import NODE, keygen, write_manifest
+
+    path = write_manifest(tmp_path, keygen(tmp_path / "creator.key"))
+    common = [*NODE, "--steps", "100000", "--eval-every", "1000"]
+    a = launch("a", *common, "--identity", str(tmp_path / "creator.key"), "--min-peers", "2",
+               command=["swarm", "create", str(path)])
+    sid = a.wait_for(lambda: re.search(r"swarm id (bs1\w+)", a.text()), 60, "the id").group(1)
+    maddr = a.maddr()
+    join = lambda name: launch(name, *common, command=["join", sid, "--bootstrap", maddr])
+    b = join("b")
+    a.wait_step(45, timeout=150)
+    stranger = DHT(initial_peers=[maddr], start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    try:
+        now, key = get_dht_time(), R.peers_key(sid)
+        stranger.store(key, b"junk", now + YEARS)
+        stranger.store(key, {"progress": 10**9, "client": True}, now + YEARS,
+                       subkey=a.maddr().split("/p2p/")[1])
+        stranger.store(R.manifest_key(sid), b"\xc1junk", now + YEARS)
+        c = join("c")
+        c.wait_for(lambda: f"manifest of {sid} verified" in c.text(), 90, "the manifest")
+        m = c.wait_for(lambda: re.search(r"synced from 2 peer\(s\) \(2 identical, [\d.]+ MB\)"
+                                         r": now at step (\d+)", c.text()), 120, "the catch-up")
+        c.wait_step(int(m.group(1)) + 20, timeout=90)
+    finally:
+        stranger.shutdown()
+    for n in (a, b, c):
+        n.proc.send_signal(signal.SIGTERM)
+    for n in (a, b, c):
+        assert n.wait(timeout=30) == 128 + signal.SIGTERM, n.text()[-2000:]
