@@ -33,8 +33,9 @@ simulator over its virtual network, so churn and hostile-donor scenarios run thi
 4. Log. SPSA's snapshot is some steps old: each donor of the group sends its records since
    (sealed records in a public swarm); their union goes on top (``join_state``).
 
-A swarm too young to serve any state falls back to whole states from up to three donors,
-taking the one most of them sent. One retry, after ``retry_wait``, follows a failure where
+A swarm too young to serve any state falls back to whole states from three drawn donors,
+taking the one most of them sent, or the first in the draw where all differ (never the
+fastest). One retry, after ``retry_wait``, follows a failure where
 nobody held anything (donors keep only their latest states, and heartbeats are seconds
 old).
 
