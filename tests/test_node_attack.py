@@ -46,7 +46,8 @@ def test_a_node_started_after_a_dht_attack_joins_and_catches_up(launch, tmp_path
     maddr = a.maddr()
     b = launch("b", *common, "--shard", "1", "--initial-peers", maddr)
     c = launch("c", *common, "--shard", "2", "--initial-peers", maddr)
-    a.wait_step(45, timeout=150)  # SPSA serves its first snapshot at final step 40
+    # SPSA serves its first snapshot at final step 40; DiLoCo one per round (H = 5).
+    a.wait_step(45 if algo == "spsa" else 15, timeout=150)
     stranger = attack(maddr, a.maddr().split("/p2p/")[1])
     try:
         at = a.step()
@@ -56,9 +57,9 @@ def test_a_node_started_after_a_dht_attack_joins_and_catches_up(launch, tmp_path
                        120, "the catch-up")
         assert int(m.group(1)) >= 2 and int(m.group(3)) >= at  # honest donors, the live state
         synced = int(m.group(3))
-        d.wait_step(synced + 20, timeout=90)
+        d.wait_step(synced + 15, timeout=90)
         for n in (a, b, c):  # the members kept training through the attack
-            assert n.step() > at + 10
+            assert n.step() > at + 5
     finally:
         stranger.shutdown()
     for n in (a, b, c, d):
@@ -70,7 +71,7 @@ def test_a_node_started_after_a_dht_attack_joins_and_catches_up(launch, tmp_path
     if algo == "spsa":  # d is bit-identical with the members once its first steps are final
         rows = [by_step(n) for n in (a, b, c, d)]
         shared = [t for t in sorted(set.intersection(*map(set, rows))) if t > synced + 4]
-        assert len(shared) >= 10
+        assert len(shared) >= 8
         for t in shared:
             assert len({r[t]["fingerprint"] for r in rows}) == 1, t
     else:  # it started at a round boundary the donors had reached
