@@ -54,14 +54,11 @@ manifest was changed), then parses and validates the fields (``bad_manifest``,
 ``not_canonical``), then the signature (``bad_signature``) and returns the Manifest.
 Every failure is ``Rejected(reason, detail)``, like protocols/wire.py.
 
-Hostile bytes. msgpack's own limits bound each length, not how many containers nest: ten
-kilobytes of array headers, each claiming a thousand items, made the C unpacker reserve
-about 8 MB before it hit its stack limit, and a thousand nested arrays that it did accept
-then overflowed Python's stack in the walk after it. So ``_check_shape`` reads every header
-first, without building anything: nesting at most ``MAX_DEPTH`` deep (a real manifest
-nests two), no container claiming more items than bytes remain, nothing truncated and
-nothing after the value. Only then does msgpack build objects, which are by then at most as
-many as the input has bytes. The walks over decoded values are loops, not recursion.
+Hostile bytes. Before msgpack builds anything, protocols/msgshape.py reads every header
+(nesting at most ``MAX_DEPTH`` deep, where a real manifest nests two; no container
+claiming more items than bytes remain; nothing truncated, nothing after the value): ten
+kilobytes of nested headers once made the unpacker reserve ~8 MB, and a thousand nested
+arrays overflowed Python's stack. The walks over decoded values are loops.
 """
 
 from __future__ import annotations
@@ -84,13 +81,13 @@ from byteswarm.optim.workload import ALGOS
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import swarmid
+from .msgshape import check_ints, check_shape
 from .signing import SIG_BYTES, pack, public_key_bytes, sign_bytes, verify_bytes
 
 FORMAT = 1
 SIGN_TAG = b"byteswarm/manifest/v1\0"
 MAX_ALLOWLIST = 1000  # keys; admit more with tokens (protocols/admission.py)
 MAX_SIGNED = 1 << 17  # bytes of a signed manifest: 1000 hex keys are ~67 kB
-MAX_INT = (1 << 63) - 1  # every integer must also be writable as TOML
 # Containers inside containers: a manifest is a map of tables and an allowlist (2 deep);
 # the slack is for a future config field holding a list.
 MAX_DEPTH = 4
@@ -357,7 +354,7 @@ def to_dict(m: Manifest) -> dict[str, Any]:
 
 def _sorted(obj: Any) -> Any:
     """``obj`` with every map's keys sorted. Recursive, so only for values whose depth is
-    known: ``to_dict``'s output, or ones that passed ``_check_shape``."""
+    known: ``to_dict``'s output, or ones that passed ``msgshape.check_shape``."""
     if isinstance(obj, dict):
         return {k: _sorted(obj[k]) for k in sorted(obj)}
     if isinstance(obj, list):
@@ -418,7 +415,7 @@ def _unpack(blob: Any) -> tuple[bytes, bytes]:
     if len(blob) > MAX_SIGNED:
         raise Rejected("oversized", f"{len(blob)} > {MAX_SIGNED} bytes")
     blob = bytes(blob)
-    _check_shape(blob, 1, "malformed")  # one array of scalars
+    check_shape(blob, 1, "malformed")  # one array of scalars
     try:
         obj = msgpack.unpackb(blob, raw=False, max_str_len=0, max_bin_len=MAX_SIGNED,
                               max_array_len=3, max_map_len=0, max_ext_len=0)
@@ -437,76 +434,6 @@ def _unpack(blob: Any) -> tuple[bytes, bytes]:
     return canonical, signature
 
 
-# msgpack headers by first byte (fixints, fixmaps, fixarrays and fixstrs are ranges, below).
-_SCALAR = {0xc0: 0, 0xc2: 0, 0xc3: 0, 0xca: 4, 0xcb: 8, 0xcc: 1, 0xcd: 2, 0xce: 4, 0xcf: 8,
-           0xd0: 1, 0xd1: 2, 0xd2: 4, 0xd3: 8,
-           0xd4: 2, 0xd5: 3, 0xd6: 5, 0xd7: 9, 0xd8: 17}  # bytes after the type byte
-_SIZED = {0xc4: (1, 0), 0xc5: (2, 0), 0xc6: (4, 0), 0xd9: (1, 0), 0xda: (2, 0),
-          0xdb: (4, 0), 0xc7: (1, 1), 0xc8: (2, 1), 0xc9: (4, 1)}  # (length bytes, type bytes)
-# (count bytes, values per counted item: a map's entry is a key and a value)
-_CONTAINER = {0xdc: (2, 1), 0xdd: (4, 1), 0xde: (2, 2), 0xdf: (4, 2)}
-
-
-def _check_shape(blob: bytes, max_depth: int, reason: str) -> None:
-    """Rejected(reason) unless ``blob`` is exactly one msgpack value, nested at most
-    ``max_depth`` containers deep, each container claiming no more items than there are
-    bytes left for them (every item takes at least one). Reads headers only and allocates
-    nothing that grows with the input, so it can run before msgpack builds anything."""
-    n, i = len(blob), 0
-    todo = [1]  # values still to read at each open level; the outermost holds one value
-    while todo:
-        if todo[-1] == 0:
-            todo.pop()
-            continue
-        todo[-1] -= 1
-        if i >= n:
-            raise Rejected(reason, "truncated msgpack")
-        b, i = blob[i], i + 1
-        if b <= 0x7f or b >= 0xe0:  # fixint
-            continue
-        if 0xa0 <= b <= 0xbf:  # fixstr
-            i += b & 0x1f
-            continue
-        if b in _SCALAR:
-            i += _SCALAR[b]
-            continue
-        if b in _SIZED:
-            width, ext = _SIZED[b]
-            i += width + ext + int.from_bytes(blob[i:i + width], "big")
-            continue
-        if b <= 0x9f:  # fixmap 0x80-0x8f, fixarray 0x90-0x9f
-            count, per = b & 0x0f, 2 if b <= 0x8f else 1
-        elif b in _CONTAINER:
-            width, per = _CONTAINER[b]
-            count, i = int.from_bytes(blob[i:i + width], "big"), i + width
-        else:
-            raise Rejected(reason, f"byte 0x{b:02x} starts no msgpack value")
-        if len(todo) > max_depth:
-            raise Rejected(reason, f"containers nested more than {max_depth} deep")
-        if i > n or count * per > n - i:
-            raise Rejected(reason, f"a container claims {count} items, but only "
-                           f"{max(n - i, 0)} bytes follow")
-        todo.append(count * per)
-    if i > n:
-        raise Rejected(reason, "truncated msgpack")
-    if i < n:
-        raise Rejected(reason, f"{n - i} bytes after the value")
-
-
-def _check_ints(obj: Any) -> None:
-    """Rejected unless every integer in ``obj`` fits in 64 bits (a loop: the depth was
-    bounded by ``_check_shape``, but a walk should not rely on that to stay off the stack)."""
-    todo = [obj]
-    while todo:
-        obj = todo.pop()
-        if isinstance(obj, dict):
-            todo.extend(obj.values())
-        elif isinstance(obj, list):
-            todo.extend(obj)
-        elif type(obj) is int and not -MAX_INT - 1 <= obj <= MAX_INT:
-            raise Rejected("bad_manifest", f"integer {obj} does not fit in 64 bits")
-
-
 def from_canonical(canonical: bytes) -> Manifest:
     """A Manifest from canonical bytes, or Rejected (``bad_manifest``, ``not_canonical``)."""
     if not isinstance(canonical, (bytes, bytearray, memoryview)):
@@ -514,7 +441,7 @@ def from_canonical(canonical: bytes) -> Manifest:
     if len(canonical) > MAX_SIGNED:
         raise Rejected("bad_manifest", f"{len(canonical)} > {MAX_SIGNED} bytes")
     canonical = bytes(canonical)
-    _check_shape(canonical, MAX_DEPTH, "bad_manifest")
+    check_shape(canonical, MAX_DEPTH, "bad_manifest")
     try:
         d = msgpack.unpackb(canonical, raw=False, strict_map_key=True, max_str_len=256,
                             max_bin_len=0, max_array_len=MAX_ALLOWLIST, max_map_len=64,
@@ -522,7 +449,7 @@ def from_canonical(canonical: bytes) -> Manifest:
     except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError,
             TypeError, UnicodeDecodeError) as e:
         raise Rejected("bad_manifest", f"not msgpack ({type(e).__name__})") from None
-    _check_ints(d)
+    check_ints(d)
     try:
         m = from_dict(d)
     except ConfigError as e:

@@ -11,6 +11,7 @@ from byteswarm.optim.sansio import Rejected
 from byteswarm.protocols import admission as A
 from byteswarm.protocols import manifest as M
 from byteswarm.protocols import swarmid
+from byteswarm.protocols.msgshape import check_shape
 from byteswarm.protocols.signing import public_key_bytes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -285,27 +286,27 @@ def test_the_stdlib_corpus_is_pinned_to_the_creators_bytes(signed, monkeypatch):
 
 def test_shape_check_bounds_nesting_claims_and_framing(signed):
     canonical = M.canonical_bytes(signed.manifest)
-    M._check_shape(canonical, M.MAX_DEPTH, "bad_manifest")  # a real manifest passes
-    M._check_shape(canonical, 2, "bad_manifest")  # ... and nests only two deep
+    check_shape(canonical, M.MAX_DEPTH, "bad_manifest")  # a real manifest passes
+    check_shape(canonical, 2, "bad_manifest")  # ... and nests only two deep
     with pytest.raises(Rejected, match="nested more than 1 deep"):
-        M._check_shape(canonical, 1, "bad_manifest")
+        check_shape(canonical, 1, "bad_manifest")
     deep = msgpack.packb({"model": [[[[0]]]]})  # 5 containers
-    M._check_shape(msgpack.packb({"model": [[[0]]]}), M.MAX_DEPTH, "x")
+    check_shape(msgpack.packb({"model": [[[0]]]}), M.MAX_DEPTH, "x")
     for blob, match in [(deep, "nested more than 4 deep"),
                         (b"\x92\x00", "claims 2 items"), (b"\x92\xa3ab", "truncated"),
                         (b"\xa5abc", "truncated"),
                         (b"\xc4\x05ab", "truncated"), (b"\x00\x00", "1 bytes after"),
                         (b"\xc1", "0xc1"), (b"\xdd\x00\x01\x00\x00\x00", "claims 65536 items")]:
         with pytest.raises(Rejected, match=match) as e:
-            M._check_shape(blob, M.MAX_DEPTH, "bad_manifest")
+            check_shape(blob, M.MAX_DEPTH, "bad_manifest")
         assert e.value.reason == "bad_manifest"
     # Every msgpack type the shape check skips over reads back as msgpack reads it.
     every = msgpack.packb([None, True, 1.5, -3, 1 << 40, -(1 << 40), "s" * 40, b"b" * 300,
                            msgpack.ExtType(5, b"e" * 3), msgpack.ExtType(6, b"x" * 16),
                            {"k": [1, {"m": 2}]}], use_bin_type=True)
-    M._check_shape(every, 4, "x")
+    check_shape(every, 4, "x")
     with pytest.raises(Rejected):
-        M._check_shape(every[:-1], 4, "x")
+        check_shape(every[:-1], 4, "x")
 
 
 def test_deep_toml_and_deep_canonical_are_refused_not_crashed():
