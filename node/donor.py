@@ -14,7 +14,7 @@ from typing import Any
 
 from byteswarm.optim.sansio import Algorithm, Rejected
 from byteswarm.protocols import state as P
-from byteswarm.protocols.serving import ServedStore
+from byteswarm.protocols.serving import ServedStore, encode
 
 from .sealing import Sealer
 
@@ -32,13 +32,9 @@ class Donor:
             return
         self.store.pending.add(tag)
 
-        def make() -> tuple[bytes, bytes]:
-            blob = P.pack_served(state)
-            return blob, P.make_index(tag, blob)
-
         async def go() -> None:
-            blob, index = await asyncio.get_running_loop().run_in_executor(None, make)
-            self.store.put(tag, blob, index)
+            made = await asyncio.get_running_loop().run_in_executor(None, encode, tag, state)
+            self.store.put(tag, *made)
         task = asyncio.ensure_future(go())
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)

@@ -20,6 +20,12 @@ from . import state as P
 KEEP = SERVED_KEPT  # served states kept (heartbeats are seconds old when a joiner asks)
 
 
+def encode(tag: int, state: Any) -> tuple[bytes, bytes]:
+    """A served state's bytes and their index: the memory passes made once per state."""
+    blob = P.pack_served(state)
+    return blob, P.make_index(tag, blob)
+
+
 class ServedStore:
     """Served states at the latest ``KEEP`` tags, as bytes with their index."""
 
@@ -34,6 +40,7 @@ class ServedStore:
                 and (not self.blobs or tag > min(self.blobs)))
 
     def put(self, tag: int, blob: bytes, index: bytes) -> None:
+        """Keep a state's bytes and index (``encode``'s)."""
         self.blobs[tag] = blob
         self.indexes[tag] = index
         self.pending.discard(tag)
@@ -45,8 +52,7 @@ class ServedStore:
         node does the same, with the bytes made on another thread)."""
         tag = algo.served_tag()
         if self.wants(tag):
-            blob = P.pack_served(algo.served_state())
-            self.put(tag, blob, P.make_index(tag, blob))
+            self.put(tag, *encode(tag, algo.served_state()))
 
     def answer(self, op: str, tag: int, index: int) -> bytes:
         """The reply to a request about served states; b"" if we do not hold it."""

@@ -209,8 +209,7 @@ class Joins:
                 state.round = tag + 1
             self.poison_tag = tag + 1
             self.poison = serving.ServedStore()
-            blob = P.pack_served(state)
-            self.poison.put(tag + 1, blob, P.make_index(tag + 1, blob))
+            self.poison.put(tag + 1, *serving.encode(tag + 1, state))
             fp = donor.algo.served_mark(state)
             self.poison_marks = {} if fp is None else {tag + 1: fp}
         claim = max(c.progress for c in view.values()) + CLAIM
