@@ -76,8 +76,8 @@ async def attack(maddr: str, swarm: str) -> dict:
         target = PeerID.from_base58(maddr.split("/p2p/")[1])
         # A stranger (never a member, never streamed to it) is not served.
         _, r0, w0 = await p2p.call_binary_stream_handler(target, f"/byteswarm/{swarm}/state/1")
-        await write_frame(w0, P.pack_request("state"))
-        try:
+        try:  # the node may hang up before our request is even flushed
+            await write_frame(w0, P.pack_request("state"))
             refused = not await asyncio.wait_for(read_frame(r0, 1 << 26), 10)
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             refused = True
