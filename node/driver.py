@@ -62,9 +62,14 @@ class Driver:
                  log_row: Callable[[dict[str, Any]], None],
                  checkpoint: Callable[[dict[str, Any]], Awaitable[None]],
                  say: Callable[[str], None], seconds_before: float = 0.0,
-                 admit: Callable[[str, bytes | None], bool] | None = None):
-        """``admit(peer, token)``: a public swarm's admission rule (None: open)."""
+                 admit: Callable[[str, bytes | None], bool] | None = None,
+                 pace: Callable[[], bool] | None = None):
+        """``admit(peer, token)``: a public swarm's admission rule (None: open).
+        ``pace()``: whether the next local step may be taken now, asked once the algorithm
+        can step (node/api.py: the user's training loop hands it over; call ``kick.set``
+        from the loop when that changes). None: step as soon as the algorithm can."""
         self.algo, self.plan = algo, plan
+        self.pace = pace or (lambda: True)
         self.ctx = wire.Context(numel=numel)
         self.log_row, self.checkpoint, self.say = log_row, checkpoint, say
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="algo")
@@ -353,7 +358,8 @@ class Driver:
         while self.poll.progress < target:
             if self.resync_from:
                 await self.resync()
-            if not await self.wait_until(lambda: self.poll.can_step, abort_on_stop=True):
+            if not await self.wait_until(lambda: self.poll.can_step and self.pace(),
+                                         abort_on_stop=True):
                 break
             t = self.now()
             info = await self.act(self.algo.on_local_step, self.now())

@@ -14,7 +14,9 @@ exit and on SIGTERM. A kill -9 cannot be caught: start the node in its own proce
 (``setsid byteswarm node …``) and kill the group.
 
 Algorithm settings go in a TOML file (--config) as [spsa], [noloco] or [diloco] tables,
-the node's in [node], the workload in [model] and [data]. Flags override the file.
+the node's in [node], what to train in [task] (--task module:attr for your own task,
+optim/task.py; --device, --dtype), the built-in task in [model] and [data]. Flags override
+the file. Every peer of a swarm must run the same task.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from byteswarm.optim import config as C
 from byteswarm.optim.data import DataConfig
 from byteswarm.optim.files import MetricsLog, load_checkpoint, save_checkpoint, save_json
 from byteswarm.optim.model import ModelConfig
-from byteswarm.optim.workload import ALGOS, load_workload, read_weights
+from byteswarm.optim.task import TaskConfig
+from byteswarm.optim.workload import ALGOS, make_task, read_weights
 from byteswarm.protocols import state as P
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -46,7 +49,7 @@ from .sealing import Sealer
 from .settings import LISTS, NodeConfig, join_lists
 from .transport import Transport
 
-SECTIONS = {"node": NodeConfig, "model": ModelConfig, "data": DataConfig}
+SECTIONS = {"node": NodeConfig, "task": TaskConfig, "model": ModelConfig, "data": DataConfig}
 CHECKPOINT_VERSION = 1
 
 
@@ -55,8 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, metavar="DIR",
                    help="folder for metrics, summary, checkpoint and identity")
-    p.add_argument("--config", metavar="FILE", help="TOML file with [node], [model], [data] "
-                   "and [spsa]/[noloco]/[diloco] tables; flags override it")
+    p.add_argument("--config", metavar="FILE", help="TOML file with [node], [task], [model], "
+                   "[data] and [spsa]/[noloco]/[diloco] tables; flags override it")
     p.add_argument("--fresh", action="store_true", help="ignore a checkpoint in DIR")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     for name in LISTS:
@@ -64,17 +67,20 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help=next(f.metadata["help"] for f in dataclasses.fields(NodeConfig)
                                  if f.name == name))
     C.add_arguments(p, NodeConfig, title="node options", skip=LISTS)
+    C.add_arguments(p, TaskConfig, title="task options")
     C.add_arguments(p, ModelConfig, title="model options")
     C.add_arguments(p, DataConfig, title="data options")
     p.set_defaults(func=run)
 
 
-def load_configs(args: argparse.Namespace) -> tuple[NodeConfig, ModelConfig, DataConfig, Any]:
+def load_configs(args: argparse.Namespace) -> tuple[NodeConfig, TaskConfig, ModelConfig,
+                                                     DataConfig, Any]:
     file = C.load_tables(args.config, sorted(set(SECTIONS) | set(ALGOS)))
     for name in LISTS:
         if isinstance(getattr(args, name, None), list):
             setattr(args, name, " ".join(getattr(args, name)))
     node = C.resolve(NodeConfig, args, join_lists(file.get("node", {})), where="node")
+    task = C.resolve(TaskConfig, args, file.get("task"), where="task")
     model = C.resolve(ModelConfig, args, file.get("model"), where="model")
     data = C.resolve(DataConfig, args, file.get("data"), where="data")
     section = dict(file.get(node.algo, {}))
@@ -86,7 +92,7 @@ def load_configs(args: argparse.Namespace) -> tuple[NodeConfig, ModelConfig, Dat
     if getattr(algo, "spot_check_rate", 0) > 0 and node.shard >= 0:
         raise C.ConfigError("spsa: spot checks recompute other peers' records on their "
                             "shards, which follow from peer ids only when no --shard is set")
-    return node, model, data, algo
+    return node, task, model, data, algo
 
 
 @dataclasses.dataclass
@@ -107,16 +113,16 @@ def say(text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    node, mcfg, dcfg, acfg = load_configs(args)
+    node, kcfg, mcfg, dcfg, acfg = load_configs(args)
     return launch(node, Path(args.out), lambda dht: (node, mcfg, dcfg, acfg, None),
-                  fresh=args.fresh, quiet=args.quiet)
+                  fresh=args.fresh, quiet=args.quiet, kcfg=kcfg)
 
 
 Configure = Callable[[Any], tuple[NodeConfig, ModelConfig, DataConfig, Any, "Public | None"]]
 
 
 def launch(node: NodeConfig, out: Path, configure: Configure, *, fresh: bool,
-           quiet: bool) -> int:
+           quiet: bool, kcfg: TaskConfig | None = None) -> int:
     """Start the DHT and p2pd, train, tear both down. ``configure(dht)`` returns the run's
     settings; a public swarm reads them from its manifest through the DHT just started
     (``node`` until then only says how to start it)."""
@@ -137,8 +143,10 @@ def launch(node: NodeConfig, out: Path, configure: Configure, *, fresh: bool,
         if pending:
             return 128 + pending[0]
         node, mcfg, dcfg, acfg, public = configure(dht)
+        kcfg = kcfg or TaskConfig()
         configs = {"swarm": node.swarm, "algo": node.algo, "seed": node.seed,
-                   "model": C.to_dict(mcfg.resolved()), "data": C.to_dict(dcfg),
+                   "task": kcfg.task, "model": C.to_dict(mcfg.resolved()),
+                   "data": C.to_dict(dcfg),
                    node.algo: C.to_dict(acfg)}
         ckpt_path = out / "checkpoint.pt"
         ckpt = None
@@ -151,84 +159,32 @@ def launch(node: NodeConfig, out: Path, configure: Configure, *, fresh: bool,
             say(f"listening on {maddr}")
         say(f"peer id {peer_id}")
         identity = load_identity(key_path)  # signs our DHT heartbeats, and frames if --sign
-        return asyncio.run(serve(node, mcfg, dcfg, acfg, dht, peer_id, out, configs, ckpt,
-                                 pending, quiet=quiet, public=public, identity=identity,
+        return asyncio.run(serve(node, kcfg, mcfg, dcfg, acfg, dht, peer_id, out, configs,
+                                 ckpt, pending, quiet=quiet, public=public, identity=identity,
                                  key=identity if node.sign else None))
     finally:
         stop_dht(dht)
 
 
-async def serve(node: NodeConfig, mcfg: ModelConfig, dcfg: DataConfig, acfg: Any, dht: Any,
-                peer_id: str, out: Path, configs: dict, ckpt: dict | None,
+async def serve(node: NodeConfig, kcfg: TaskConfig, mcfg: ModelConfig, dcfg: DataConfig,
+                acfg: Any, dht: Any, peer_id: str, out: Path, configs: dict, ckpt: dict | None,
                 pending: list[int], *, quiet: bool, public: Public | None = None,
                 key: Ed25519PrivateKey | None = None, identity: Ed25519PrivateKey) -> int:
     loop = asyncio.get_running_loop()
-    init = None
+    w = await loop.run_in_executor(None, make_task, kcfg, mcfg, dcfg, node.seed)
     if public is not None and public.weights is not None:
-        init = await loop.run_in_executor(None, read_weights, public.weights, mcfg)
+        init = await loop.run_in_executor(None, read_weights, public.weights, w.build())
+        w = await loop.run_in_executor(None, make_task, kcfg, mcfg, dcfg, node.seed, init)
         say(f"initial weights from {public.weights} (sha256 checked)")
-    w = await loop.run_in_executor(None, load_workload, mcfg, dcfg, node.seed, init)
     shard = node.shard if node.shard >= 0 else A.shard_index(peer_id, node.num_shards)
-    algo = A.make_algorithm(node.algo, acfg, peer_id, shard, node.num_shards, w)
-    if getattr(acfg, "spot_check_rate", 0) > 0:
-        algo.shard_of = A.public_shards(w, node.num_shards)
+    algo = A.make_algorithm(node.algo, acfg, peer_id, shard, node.num_shards, w,
+                            device=kcfg.device, dtype=kcfg.dtype)
     if ckpt is not None:
         algo.load_state_dict(ckpt["state"])
     await loop.run_in_executor(None, algo.warm_up)
-    numel = int(sum(p.numel() for p in algo.model.parameters() if p.requires_grad))
-    plan = Plan(swarm=node.swarm, steps=node.steps, min_peers=node.min_peers,
-                start_timeout=node.start_timeout, eval_every=node.eval_every,
-                checkpoint_every=node.checkpoint_every, peer_ttl=node.peer_ttl,
-                sync=node.sync, linger=node.linger,
-                announce_wait=2 * node.heartbeat_period,
-                withhold_record=node.withhold_record, joining=bool(node.initial_peers),
-                needs_weights=public is not None and public.needs_weights and ckpt is None)
-    start = algo.position()
-    log = MetricsLog(out / "metrics.jsonl", resume_step=start if ckpt is not None else None)
-
-    async def checkpoint(payload: dict) -> None:
-        blob = {"version": CHECKPOINT_VERSION, "configs": configs, "peer_id": peer_id,
-                **payload}
-        await loop.run_in_executor(None, save_checkpoint, out / "checkpoint.pt", blob)
-
-    driver = Driver(algo, plan, numel=numel, log_row=log.write, checkpoint=checkpoint,
-                    say=(lambda s: None) if quiet else say,
-                    seconds_before=float(ckpt["seconds"]) if ckpt else 0.0,
-                    admit=public.admit if public is not None else None)
-    tr = Transport(dht, node.swarm, peer_id, client_mode=node.client_mode,
-                   frame_limit=A.frame_limit(numel), heartbeat_period=node.heartbeat_period,
-                   peer_ttl=node.peer_ttl, on_frame=driver.on_frame,
-                   on_members=driver.on_members, progress=lambda: driver.poll.progress,
-                   marks=driver.recent_marks, identity=identity,
-                   may_ask=driver.may_ask)
-    if public is not None:
-        tr.publish[public.manifest_key] = public.manifest  # so it outlives its creator
-        if public.token is not None:
-            tr.beat_extra["token"] = public.token
-    tr.add_service("state", driver.donor.serve_state, P.REQUEST_LIMIT)
-    tr.add_service("snap", driver.donor.serve_snap, P.REQUEST_LIMIT)
-    if ckpt is not None:
-        tr.sent.update(ckpt.get("sent", {}))
-        tr.received.update(ckpt.get("received", {}))
-    if key is not None:
-        driver.frames.sealer = Sealer(key, node.swarm, driver.ctx,
-                                      may_author=driver.may_author)
-    driver.transport = tr
-    for s in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(s, driver.stop)
-    for _ in pending:
-        driver.stop()
     t0 = time.monotonic()
-    try:
-        await tr.start()
-        if ckpt is not None:
-            say(f"resumed from {out / 'checkpoint.pt'} at step {start}")
-        why = await driver.run()
-        await tr.flush(timeout=5.0)
-    finally:
-        await tr.close()
-        log.close()
-        driver.pool.shutdown(wait=True)
+    why, driver = await drive(node, algo, dht, peer_id, out, configs, ckpt, pending,
+                              quiet=quiet, public=public, key=key, identity=identity)
     summary = {**driver.summary(), "stopped": why, "algo": node.algo,
                "wall_seconds_this_run": round(time.monotonic() - t0, 3),
                "shard": shard, "config": configs}
@@ -248,6 +204,74 @@ async def serve(node: NodeConfig, mcfg: ModelConfig, dcfg: DataConfig, acfg: Any
         f"{'n/a' if val is None else f'{val:.4f}'}, sent {summary['bytes_sent'] / 1e3:.1f} kB"
         f" -> {out}")
     return 0
+
+
+async def drive(node: NodeConfig, algo: Any, dht: Any, peer_id: str, out: Path, configs: dict,
+                ckpt: dict | None, pending: list[int], *, quiet: bool,
+                public: Public | None = None, key: Ed25519PrivateKey | None = None,
+                identity: Ed25519PrivateKey, pace: Callable[[], bool] | None = None,
+                started: Callable[[Driver], None] | None = None,
+                signals: bool = True) -> tuple[str, Driver]:
+    """Run ``algo`` in the swarm until the plan's end or a stop: the driver and transport
+    over our DHT, metrics and checkpoints in ``out``. ``pace``, ``started`` and ``signals``
+    are for node/api.py, whose steps come from the user's training loop (``Plan``)."""
+    loop = asyncio.get_running_loop()
+    numel = int(sum(p.numel() for p in algo.model.parameters() if p.requires_grad))
+    plan = Plan(swarm=node.swarm, steps=node.steps, min_peers=node.min_peers,
+                start_timeout=node.start_timeout, eval_every=node.eval_every,
+                checkpoint_every=node.checkpoint_every, peer_ttl=node.peer_ttl,
+                sync=node.sync, linger=node.linger,
+                announce_wait=2 * node.heartbeat_period,
+                withhold_record=node.withhold_record, joining=bool(node.initial_peers),
+                needs_weights=public is not None and public.needs_weights and ckpt is None)
+    start = algo.position()
+    log = MetricsLog(out / "metrics.jsonl", resume_step=start if ckpt is not None else None)
+
+    async def checkpoint(payload: dict) -> None:
+        blob = {"version": CHECKPOINT_VERSION, "configs": configs, "peer_id": peer_id,
+                **payload}
+        await loop.run_in_executor(None, save_checkpoint, out / "checkpoint.pt", blob)
+
+    driver = Driver(algo, plan, numel=numel, log_row=log.write, checkpoint=checkpoint,
+                    say=(lambda s: None) if quiet else say,
+                    seconds_before=float(ckpt["seconds"]) if ckpt else 0.0,
+                    admit=public.admit if public is not None else None, pace=pace)
+    tr = Transport(dht, node.swarm, peer_id, client_mode=node.client_mode,
+                   frame_limit=A.frame_limit(numel), heartbeat_period=node.heartbeat_period,
+                   peer_ttl=node.peer_ttl, on_frame=driver.on_frame,
+                   on_members=driver.on_members, progress=lambda: driver.poll.progress,
+                   marks=driver.recent_marks, identity=identity,
+                   may_ask=driver.may_ask)
+    if public is not None:
+        tr.publish[public.manifest_key] = public.manifest  # so it outlives its creator
+        if public.token is not None:
+            tr.beat_extra["token"] = public.token
+    tr.add_service("state", driver.donor.serve_state, P.REQUEST_LIMIT)
+    tr.add_service("snap", driver.donor.serve_snap, P.REQUEST_LIMIT)
+    if ckpt is not None:
+        tr.sent.update(ckpt.get("sent", {}))
+        tr.received.update(ckpt.get("received", {}))
+    if key is not None:
+        driver.frames.sealer = Sealer(key, node.swarm, driver.ctx,
+                                      may_author=driver.may_author)
+    driver.transport = tr
+    for s in (signal.SIGINT, signal.SIGTERM) if signals else ():
+        loop.add_signal_handler(s, driver.stop)
+    for _ in pending:
+        driver.stop()
+    try:
+        await tr.start()
+        if ckpt is not None:
+            say(f"resumed from {out / 'checkpoint.pt'} at step {start}")
+        if started is not None:
+            started(driver)
+        why = await driver.run()
+        await tr.flush(timeout=5.0)
+    finally:
+        await tr.close()
+        log.close()
+        driver.pool.shutdown(wait=True)
+    return why, driver
 
 
 if __name__ == "__main__":  # python -m byteswarm.node.node_cli …, without the dispatcher

@@ -7,6 +7,7 @@ layer by the transport, per message kind.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 from byteswarm.optim.sansio import Algorithm
@@ -21,7 +22,9 @@ def measure(algo: Algorithm, evaluate: bool) -> dict[str, Any]:
     if hasattr(algo, "fingerprint"):
         out["fingerprint"] = algo.fingerprint()
     if evaluate:
-        out["val_loss"] = round(algo.evaluate(), 6)
+        val = algo.evaluate()
+        if math.isfinite(val):  # nan: the task has no validation batches
+            out["val_loss"] = round(val, 6)
     out["algo"] = {k: v for k, v in algo.stats().items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
     return out

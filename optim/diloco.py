@@ -30,6 +30,7 @@ checked (size, finiteness, norm against our own g) before use.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,11 +38,11 @@ import torch
 
 from .codecs import Compressed, decompress, make_codec
 from .config import ConfigError, opt, validate
-from .data import Shard
-from .inner import TRAIN, LocalUpdate, flatten, load_flat_
+from .inner import TRAIN, InnerEngine, InnerLoop, LocalUpdate, flatten, load_flat_
 from .noloco import CODEC_NAMES, check_share, codec_options
 from .outer import IMPLS, diloco_outer_step_, group_mean
 from .sansio import Rejected, Send
+from .task import Job
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,11 +118,10 @@ class DiLoCo(LocalUpdate):
 
     Config = DiLoCoConfig
 
-    def __init__(self, cfg: DiLoCoConfig, peer_id: str, model: torch.nn.Module, shard: Shard,
-                 val: list, *, batch_size: int, seq_len: int,
-                 peers: frozenset[str] = frozenset()):
-        self._init_local(cfg, peer_id, model, shard, val, batch_size=batch_size,
-                         seq_len=seq_len, peers=peers, moves=MOVES)
+    def __init__(self, cfg: DiLoCoConfig, peer_id: str, job: Job, *,
+                 peers: frozenset[str] = frozenset(),
+                 inner: Callable[[InnerLoop], InnerEngine] | None = None):
+        self._init_local(cfg, peer_id, job, peers=peers, moves=MOVES, inner=inner)
         self.momentum = torch.zeros_like(self.phi)  # (N,) Nesterov buffer
         self.grad = torch.empty_like(self.phi)  # (N,) own outer gradient φ − θ
         self.members: list[str] = [peer_id]

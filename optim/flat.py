@@ -18,9 +18,10 @@ Layout (the canonical flat order every peer shares):
   same values from a checkpoint or a peer. Scratch buffers (perturbed copies) need not
   bother: nothing reads their padding.
 
-The module's parameters are rebound to views of the buffer, so training and evaluation go
-through it; ``views(other)`` maps the same layout onto a scratch buffer for a perturbed
-forward pass with ``torch.func.functional_call`` (see ``forward_with``).
+The module's parameters are moved into the buffer (their storage, not their identity), so
+training and evaluation go through it; ``views(other)`` maps the same layout onto a scratch
+buffer for a perturbed forward pass with ``torch.func.functional_call`` (see
+``forward_with``).
 """
 
 from __future__ import annotations
@@ -42,9 +43,10 @@ def _align_up(n: int, a: int = ALIGN) -> int:
 class FlatParams:
     """The trainable parameters of ``module``, moved into one flat fp32 buffer.
 
-    After construction the module's trainable parameters are ``nn.Parameter`` views of
-    ``.buffer`` (tied parameters stay tied: every module slot holding the same parameter
-    gets the same view). Frozen parameters and buffers are left where they were.
+    After construction the module's trainable parameters are views of ``.buffer``: each
+    ``nn.Parameter`` object stays the same (so tied parameters stay tied, and whoever holds
+    a reference to one sees the buffer) and its ``.data`` moves into the buffer. Frozen
+    parameters and buffers are left where they were.
 
     Attributes:
         buffer: (numel,) fp32, the canonical θ; padding is zero.
@@ -75,23 +77,15 @@ class FlatParams:
         self.n_params = sum(n for _, n, _ in self.slices.values())
         self.buffer = torch.zeros(self.numel, dtype=torch.float32, device=devices.pop())
 
-        # Every module slot that holds a trainable parameter, duplicates (ties) included.
-        by_id = {id(p): name for name, p in named}
-        slots: dict[str, list[tuple[nn.Module, str]]] = {name: [] for name, _ in named}
-        for full, p in module.named_parameters(remove_duplicate=False):
-            if id(p) in by_id:
-                owner, _, attr = full.rpartition(".")
-                slots[by_id[id(p)]].append((module.get_submodule(owner), attr))
-
+        # Each parameter keeps its identity (the caller's references, ties, an optimizer
+        # built over them all stay valid) and gets the buffer's storage.
         with torch.no_grad():
             for name, p in named:
                 self.tensor(name).copy_(p)
         self.params: dict[str, nn.Parameter] = {}
-        for name, _ in named:
-            view = nn.Parameter(self.tensor(name), requires_grad=True)
-            self.params[name] = view
-            for owner, attr in slots[name]:
-                setattr(owner, attr, view)
+        for name, p in named:
+            p.data = self.tensor(name)
+            self.params[name] = p
         mask = torch.ones(self.numel, dtype=torch.bool, device=self.buffer.device)
         for offset, n, _ in self.slices.values():
             mask[offset:offset + n] = False

@@ -3,20 +3,26 @@
 ``LocalUpdate`` is the common half of both state machines: the inner loop, the slow
 weights φ, the phase table that starts in TRAIN, and the driver methods that only depend on
 those. A subclass starts its exchange in ``_end_inner_phase(now)``.
+
+The inner steps run on an engine passed to the constructor (``inner=``): by default the
+``InnerLoop`` itself, one AdamW step per call. The simulator passes others: a bank that
+defers steps and runs many replicas' as one computation (sim/batched.py), or a cheap
+stand-in (sim/analytic.py). An engine has ``step()``, ``step_count`` and ``settle()``,
+which makes the model's weights current; ``LocalUpdate`` calls it before each read of θ
+(the exchange, ``evaluate``, a checkpoint).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from .data import Shard
-from .model import lm_loss
 from .sansio import Mailbox, PhaseTable, Rejected
-from .train import evaluate
+from .task import Job
 
 TRAIN = "train"
 MAX_ROUND = 1 << 62
@@ -75,19 +81,28 @@ def load_flat_(model: torch.nn.Module, flat: torch.Tensor) -> None:
             o += p.numel()
 
 
+class InnerEngine(Protocol):
+    """What ``LocalUpdate`` asks of its inner steps (see the module docstring)."""
+
+    step_count: int
+
+    def step(self) -> dict[str, float]: ...
+
+    def settle(self) -> None: ...
+
+
 class InnerLoop:
-    """Adam(W) steps on one model and shard: the inner phase of NoLoCo and DiLoCo.
+    """Adam(W) steps on one peer's job: the inner phase of NoLoCo and DiLoCo.
 
     The learning rate warms up linearly for ``warmup`` steps, then stays constant, or with
     ``decay_steps`` > 0 follows a cosine down to ``min_lr_ratio``·lr at that step. The
     optimizer state carries over from round to round, as in both papers.
     """
 
-    def __init__(self, model: torch.nn.Module, shard: Shard, *, batch_size: int, seq_len: int,
-                 lr: float, weight_decay: float, grad_clip: float, warmup: int,
-                 decay_steps: int, min_lr_ratio: float):
-        self.model, self.shard = model, shard
-        self.batch_size, self.seq_len = batch_size, seq_len
+    def __init__(self, job: Job, *, lr: float, weight_decay: float, grad_clip: float,
+                 warmup: int, decay_steps: int, min_lr_ratio: float):
+        self.job, self.model = job, job.model
+        model = job.model
         self.lr, self.grad_clip = lr, grad_clip
         self.warmup, self.decay_steps, self.min_lr_ratio = warmup, decay_steps, min_lr_ratio
         self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
@@ -108,8 +123,7 @@ class InnerLoop:
         lr = self.lr_at(t)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        x, y = self.shard.batch(t, self.batch_size, self.seq_len)
-        loss = lm_loss(self.model, x, y)
+        loss = self.job.loss(self.job.data.batch(t))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.grad_clip > 0:
@@ -118,20 +132,23 @@ class InnerLoop:
         self.step_count += 1
         return {"loss": loss.item(), "lr": lr}
 
+    def settle(self) -> None:
+        """Nothing to do: every step has run when ``step()`` returns."""
+
 
 class LocalUpdate(Mailbox):
     """The half of NoLoCo and DiLoCo that is the same: see the module docstring."""
 
-    def _init_local(self, cfg: Any, peer_id: str, model: torch.nn.Module, shard: Shard,
-                    val: list, *, batch_size: int, seq_len: int, peers: frozenset[str],
-                    moves: dict[str, set[str]]) -> None:
+    def _init_local(self, cfg: Any, peer_id: str, job: Job, *, peers: frozenset[str],
+                    moves: dict[str, set[str]],
+                    inner: Callable[[InnerLoop], InnerEngine] | None) -> None:
         cfg.check()
-        self.cfg, self.model, self.val = cfg, model, val
-        self.inner = InnerLoop(model, shard, batch_size=batch_size, seq_len=seq_len,
-                               lr=cfg.lr, weight_decay=cfg.weight_decay,
-                               grad_clip=cfg.grad_clip, warmup=cfg.warmup,
-                               decay_steps=cfg.decay_steps, min_lr_ratio=cfg.min_lr_ratio)
-        self.phi = flatten(model)  # (N,) slow / outer weights
+        self.cfg, self.job, self.model = cfg, job, job.model
+        self.loop = InnerLoop(job, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                              grad_clip=cfg.grad_clip, warmup=cfg.warmup,
+                              decay_steps=cfg.decay_steps, min_lr_ratio=cfg.min_lr_ratio)
+        self.inner: InnerEngine = self.loop if inner is None else inner(self.loop)
+        self.phi = flatten(self.model)  # (N,) slow / outer weights
         self.theta = torch.empty_like(self.phi)  # (N,) θ at the exchange
         self.numel = self.phi.numel()
         self._init_mailbox(peer_id, peers)
@@ -154,11 +171,13 @@ class LocalUpdate(Mailbox):
         out = self.inner.step()
         self.inner_done += 1
         if self.inner_done == self.cfg.inner_steps:
+            self.inner.settle()  # the exchange reads θ
             self._end_inner_phase(now)
         return out
 
     def evaluate(self) -> float:
-        return evaluate(self.model, self.val)
+        self.inner.settle()
+        return self.job.evaluate()
 
     def state_bytes(self) -> int:
         """Bytes a joiner downloads: φ and the outer momentum, fp32."""
@@ -221,9 +240,10 @@ class LocalUpdate(Mailbox):
         self._drop_exchange()
 
     def state_dict(self) -> dict[str, Any]:
+        self.inner.settle()
         return {"sync": {"round": self.round, "phi": self.phi.clone(),
                          self.MOMENTUM_KEY: self._momentum().clone()},
-                "local": {"model": self.model.state_dict(), "opt": self.inner.opt.state_dict(),
+                "local": {"model": self.model.state_dict(), "opt": self.loop.opt.state_dict(),
                           "inner_steps": self.inner.step_count,
                           "inner_done": self.inner_done}}
 
@@ -232,9 +252,12 @@ class LocalUpdate(Mailbox):
         self.import_state(OuterState(int(sync["round"]), sync["phi"],
                                      sync[self.MOMENTUM_KEY]))
         self.model.load_state_dict(local["model"])
-        self.inner.opt.load_state_dict(local["opt"])
+        self.loop.opt.load_state_dict(local["opt"])
         self.inner.step_count = int(local["inner_steps"])
         self.inner_done = int(local["inner_done"])
+
+    def to_model(self) -> None:
+        self.inner.settle()  # the model holds θ
 
     def warm_up(self) -> None:
         pass  # nothing is compiled

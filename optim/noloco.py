@@ -30,6 +30,7 @@ from ours (DESIGN.md §6).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,11 +38,11 @@ import torch
 
 from .codecs import CODECS, Compressed, decompress, make_codec
 from .config import ConfigError, opt, validate
-from .data import Shard
-from .inner import TRAIN, LocalUpdate, flatten, load_flat_
+from .inner import TRAIN, InnerEngine, InnerLoop, LocalUpdate, flatten, load_flat_
 from .outer import IMPLS, check_noloco_stability, group_mean, noloco_outer_step_
 from .sansio import Rejected, Send
 from .seeds import derive_seed
+from .task import Job
 
 CODEC_NAMES = tuple(CODECS)
 
@@ -144,11 +145,10 @@ class NoLoCo(LocalUpdate):
 
     Config = NoLoCoConfig
 
-    def __init__(self, cfg: NoLoCoConfig, peer_id: str, model: torch.nn.Module, shard: Shard,
-                 val: list, *, batch_size: int, seq_len: int,
-                 peers: frozenset[str] = frozenset()):
-        self._init_local(cfg, peer_id, model, shard, val, batch_size=batch_size,
-                         seq_len=seq_len, peers=peers, moves=MOVES)
+    def __init__(self, cfg: NoLoCoConfig, peer_id: str, job: Job, *,
+                 peers: frozenset[str] = frozenset(),
+                 inner: Callable[[InnerLoop], InnerEngine] | None = None):
+        self._init_local(cfg, peer_id, job, peers=peers, moves=MOVES, inner=inner)
         self.delta = torch.zeros_like(self.phi)  # (N,) outer momentum
         self.update_codec = make_codec(cfg.codec, **codec_options(cfg.codec, cfg))
         self.phi_codec = make_codec(cfg.phi_codec_, **codec_options(cfg.phi_codec_, cfg))

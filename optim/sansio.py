@@ -140,6 +140,12 @@ class Algorithm(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
+    def to_model(self) -> None:
+        """Make the model's weights this replica's current parameters (SPSA's model holds a
+        perturbed scratch copy between steps; a deferred inner engine settles): for a
+        driver that hands the model to user code between steps (node/api.py)."""
+        ...
+
     def warm_up(self) -> None:
         """Pay one-time costs (kernel compilation) before the swarm waits on us."""
         ...

@@ -38,7 +38,7 @@ S_t from the shared record log whatever arrived late. Values beyond S_t saturate
 bias), and saturation pushes v, and so S, up.
 
 Spot checks. A record is a deterministic function of public things: θ before its step,
-the sender's shard (assigned from its peer id, so ``shard_of(peer)`` is known to all) and
+the sender's shard (assigned from its peer id, so ``job.data_of(peer)`` is known to all) and
 the record's seed, which also draws the rounding coin. Every peer recomputes the same
 sample of records — chosen by a hash of (swarm, step, peer) below ``spot_check_rate`` —
 just before it applies them, so honest peers reach the same verdict on the same records:
@@ -51,15 +51,12 @@ at most η·S/|R_t| along z); the checks make lying a lasting cost.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from .data import Shard
 from .flat import FlatParams
 from .kernels import perturb, update_
-from .model import lm_loss
 from .sansio import EVERYONE, Mailbox, Rejected, Send
 from .seeds import derive_seed
 from .spsa_log import (  # noqa: F401  (re-exported: the record log's names)
@@ -85,7 +82,7 @@ from .spsa_math import (  # noqa: F401  (re-exported: the math's names)
     spsa_projected_grad,
     step_coefficients,
 )
-from .train import evaluate
+from .task import Batches, Job
 
 MARK_EVERY = 5  # final steps between fingerprints (hashing θ costs a memory pass)
 SERVE_EVERY = 40  # final steps between snapshots served to joiners (a multiple of MARK_EVERY)
@@ -98,12 +95,11 @@ HISTORY_STEPS = SERVED_KEPT * SERVE_EVERY + 32
 class SPSA(Mailbox):
     """Sans-IO seeded SPSA for one peer (see module docstring and optim/sansio.py)."""
 
-    def __init__(self, cfg: SPSAConfig, peer_id: str, model: torch.nn.Module, shard: Shard,
-                 val: list, *, batch_size: int, seq_len: int, peers: frozenset[str] = frozenset()):
+    def __init__(self, cfg: SPSAConfig, peer_id: str, job: Job, *,
+                 peers: frozenset[str] = frozenset()):
         self.cfg = cfg
-        self.model, self.shard, self.val = model, shard, val
-        self.batch_size, self.seq_len = batch_size, seq_len
-        self.flat = FlatParams(model)  # the model reads its weights from flat.buffer
+        self.job, self.model = job, job.model
+        self.flat = FlatParams(job.model)  # the model reads its weights from flat.buffer
         self.theta = self.flat.buffer.detach().clone()  # canonical θ, never perturbed
         self.numel = self.theta.numel()  # with the flat buffer's padding
         self.pad = self.flat.pad_index
@@ -116,7 +112,6 @@ class SPSA(Mailbox):
         self.known = set(self.peers)
         self.closed = -1  # last step closed locally (applied to self.theta)
         self._mark: tuple[int, str] | None = None
-        self.shard_of: Callable[[str], Shard] | None = None  # for spot checks
         self.history: dict[int, dict[str, int]] = {}  # records of the latest final steps
         self.counts = {"records_sent": 0, "records_applied": 0, "late_records": 0,
                        "replays": 0, "steps_closed": 0, "steps_timed_out": 0,
@@ -139,7 +134,7 @@ class SPSA(Mailbox):
             raise RuntimeError("on_local_step called while waiting for the step to close")
         t = self.step
         seed = record_seed(self.cfg.swarm, t, self.peer_id)
-        losses = self._losses(self.theta, self.shard, t, seed)
+        losses = self._losses(self.theta, self.job.data, t, seed)
         g = spsa_projected_grad(losses[0], losses[1], self.cfg.eps)
         q = quantize_g(g, self.scale(t), seed)
         self.expected.setdefault(t, self.peers)
@@ -150,14 +145,14 @@ class SPSA(Mailbox):
         self._maybe_close(now)
         return {"loss": 0.5 * (losses[0] + losses[1]), "g": g, "q": float(q)}
 
-    def _losses(self, theta: torch.Tensor, shard: Shard, t: int, seed: int) -> list[float]:
-        """ℓ+ and ℓ− of step t on ``shard``'s batch, measured on a scratch copy of θ."""
-        x, y = shard.batch(t, self.batch_size, self.seq_len)
+    def _losses(self, theta: torch.Tensor, data: Batches, t: int, seed: int) -> list[float]:
+        """ℓ+ and ℓ− of step t on ``data``'s batch, measured on a scratch copy of θ."""
+        batch = data.batch(t)
         losses = []
         with torch.no_grad():
             for sign in (1.0, -1.0):
                 perturb(theta, self.flat.buffer, seed, sign * self.cfg.eps)
-                losses.append(lm_loss(self.model, x, y).item())
+                losses.append(self.job.loss(batch).item())
         return losses
 
     def on_timer(self, now: float) -> None:
@@ -166,8 +161,8 @@ class SPSA(Mailbox):
             self._close(self.step)
 
     def evaluate(self) -> float:
-        self.flat.buffer.copy_(self.theta)
-        return evaluate(self.model, self.val)
+        self.to_model()
+        return self.job.evaluate()
 
     def fingerprint(self) -> str:
         return fingerprint_of(self.theta)
@@ -243,7 +238,7 @@ class SPSA(Mailbox):
         second, different byte for a step)."""
         check_spsa_state(state, self.theta.numel())
         held = self.records
-        self.snap = state.snap.copy()
+        self.snap = state.snap.copy(self.theta.device)
         self.records = {t: dict(r) for t, r in state.records.items()}
         for t, recs in held.items():
             if t > self.snap.step:
@@ -272,6 +267,9 @@ class SPSA(Mailbox):
         self.import_state(SPSAState(
             Snapshot(snap["step"], snap["theta"], snap["g2"], dict(snap["scales"])),
             s["closed"], {t: dict(r) for t, r in s["records"].items()}))
+
+    def to_model(self) -> None:
+        self.flat.buffer.copy_(self.theta)
 
     def warm_up(self) -> None:
         """Compile the kernels before announcing ourselves: a first step that spends
@@ -339,7 +337,7 @@ class SPSA(Mailbox):
 
     def _sampled(self, t: int, peer: str) -> bool:
         rate = self.cfg.spot_check_rate
-        return (rate > 0 and self.shard_of is not None and peer != self.peer_id
+        return (rate > 0 and self.job.data_of is not None and peer != self.peer_id
                 and derive_seed("spot", self.cfg.swarm, t, peer) < rate * 2.0**64)
 
     def _check(self, theta_before: torch.Tensor, t: int, peer: str) -> bool:
@@ -347,7 +345,7 @@ class SPSA(Mailbox):
         (its records of later steps too). True if the record stands."""
         q = self.records[t][peer]
         seed = record_seed(self.cfg.swarm, t, peer)
-        losses = self._losses(theta_before, self.shard_of(peer), t, seed)
+        losses = self._losses(theta_before, self.job.data_of(peer), t, seed)
         expect = quantize_g(spsa_projected_grad(*losses, self.cfg.eps), self.scale(t), seed)
         self.counts["spot_checks"] += 1
         if abs(q - expect) <= self.cfg.spot_check_tolerance:

@@ -53,8 +53,10 @@ class Snapshot:
             return cfg.scale_init
         return self.scales[t]
 
-    def copy(self) -> Snapshot:
-        return Snapshot(self.step, self.theta.clone(), self.g2, dict(self.scales))
+    def copy(self, device: torch.device | None = None) -> Snapshot:
+        """A copy, on ``device`` (a state read from the wire is on the CPU) if given."""
+        theta = self.theta.clone() if device is None else self.theta.to(device, copy=True)
+        return Snapshot(self.step, theta, self.g2, dict(self.scales))
 
     def advance_(self, records: dict[str, int], cfg: SPSAConfig,
                  pad: torch.Tensor | None = None) -> None:

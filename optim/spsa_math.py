@@ -41,7 +41,7 @@ class SPSAConfig:
                               lo=0.0, lo_open=True)
     spot_check_rate: float = opt(0.0, "fraction of other peers' records that every peer "
                                  "recomputes from the sender's public shard (two forward "
-                                 "passes each); a liar is banned (needs shard_of)",
+                                 "passes each); a liar is banned (needs the job's data_of)",
                                  lo=0.0, hi=1.0)
     spot_check_tolerance: int = opt(2, "a recomputed byte may differ by this much (float "
                                     "rounding on other hardware)", lo=0, hi=2 * 127)

@@ -9,9 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from .config import opt
-from .data import Corpus, DataConfig
-from .model import ModelConfig, build_model, count_params, lm_loss
-from .seeds import derive_seed
+from .model import count_params
+from .task import Job
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -25,7 +24,8 @@ class TrainConfig:
     eval_every: int = opt(50, "evaluate validation loss every this many steps", lo=1)
     log_every: int = opt(10, "write a metrics line every this many steps", lo=1)
     checkpoint_every: int = opt(100, "checkpoint every this many steps", lo=1)
-    seed: int = opt(0, "seed for init, data order and validation batches", lo=0,
+    seed: int = opt(0, "seed of the built-in task: init, data order and validation "
+                    "batches (the same weights a swarm with this seed starts from)", lo=0,
                     hi=2**63 - 1)
 
 
@@ -39,32 +39,15 @@ def cosine_lr(step: int, cfg: TrainConfig) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Mean validation loss in nats over a fixed list of batches."""
-    was_training = model.training
-    model.eval()
-    total = sum(lm_loss(model, x, y).item() for x, y in batches)
-    model.train(was_training)
-    return total / len(batches)
-
-
 class LocalTrainer:
-    """One model, one shard, AdamW. ``step()`` trains once and returns the batch loss."""
+    """One model, one shard of a task, AdamW. ``step()`` trains once and returns the batch
+    loss. The job (optim/task.py) carries the model, its device and forward precision."""
 
-    def __init__(self, model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig,
-                 corpus: Corpus | None = None, *, peer: int = 0, n_peers: int = 1):
-        self.cfg = cfg
-        self.data_cfg = data_cfg
-        self.model = build_model(model_cfg, seed=derive_seed("init", cfg.seed) % 2**31)
-        self.seq_len = self.model.cfg.context
-        self.corpus = corpus if corpus is not None else Corpus.load(data_cfg)
-        self.corpus.check_fits(self.seq_len)
-        self.shard = self.corpus.shard(peer, n_peers, non_iid=data_cfg.non_iid, seed=cfg.seed)
-        self.val = self.corpus.val_set(data_cfg.batch_size, self.seq_len, data_cfg.val_batches,
-                                       seed=cfg.seed)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr,
-                                     weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    def __init__(self, job: Job, cfg: TrainConfig):
+        self.cfg, self.job, self.model = cfg, job, job.model
+        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
+                                     lr=cfg.lr, betas=(0.9, 0.95),
+                                     weight_decay=cfg.weight_decay)
         self.step_count = 0
 
     @property
@@ -73,10 +56,9 @@ class LocalTrainer:
 
     def step(self) -> float:
         t = self.step_count
-        x, y = self.shard.batch(t, self.data_cfg.batch_size, self.seq_len)
         for group in self.opt.param_groups:
             group["lr"] = cosine_lr(t, self.cfg)
-        loss = lm_loss(self.model, x, y)
+        loss = self.job.loss(self.job.data.batch(t))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.grad_clip > 0:
@@ -86,7 +68,7 @@ class LocalTrainer:
         return loss.item()
 
     def evaluate(self) -> float:
-        return evaluate(self.model, self.val)
+        return self.job.evaluate()
 
     def state_dict(self) -> dict:
         return {"step": self.step_count, "model": self.model.state_dict(),

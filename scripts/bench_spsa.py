@@ -84,14 +84,15 @@ def probe_step_small(repeats: int) -> dict[str, float]:
     forward passes of the same model on the same batch."""
     from byteswarm.optim.data import Corpus, DataConfig
     from byteswarm.optim.model import ModelConfig, build_model, lm_loss
-    from byteswarm.optim.spsa import SPSA, SPSAConfig
+    from byteswarm.optim.spsa import SPSAConfig
+    from byteswarm.optim.workload import ALGOS, Workload
 
     corpus = Corpus.load(DataConfig(max_bytes=2_000_000))
     cfg = ModelConfig(preset="small")
     seq = cfg.resolved().context
     shard = corpus.shard(0, 1)
-    peer = SPSA(SPSAConfig(finality_steps=1), "p0", build_model(cfg), shard, [],
-                batch_size=32, seq_len=seq, peers=frozenset({"p0"}))
+    task = Workload(cfg, DataConfig(batch_size=32), corpus, 0, seq, [])
+    peer = ALGOS["spsa"].make(SPSAConfig(finality_steps=1), "p0", 0, 1, ["p0"], task)
     plain = build_model(cfg)
     x, y = shard.batch(0, 32, seq)
 

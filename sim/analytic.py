@@ -42,7 +42,7 @@ import torch
 from byteswarm.optim.codecs import Compressed
 from byteswarm.optim.diloco import GatherPart, ReducePart, part_bounds
 from byteswarm.optim.flat import FlatParams
-from byteswarm.optim.model import VOCAB, ModelConfig, build_model, count_params
+from byteswarm.optim.model import VOCAB, ModelConfig, build_model, count_params, lm_loss
 from byteswarm.optim.noloco import NoLoCoShare
 from byteswarm.optim.sansio import Algorithm
 from byteswarm.optim.workload import ALGOS
@@ -70,14 +70,33 @@ class StandInModel(nn.Module):
         return self.w[:VOCAB].expand(*x.shape, VOCAB)  # (B, T, 256)
 
 
-class StandInShard:
-    """One fixed byte per peer: a (1, 1) batch costs nothing to make."""
+class StandInTask:
+    """d parameters, one fixed byte per peer: a (1, 1) batch costs nothing to make."""
 
+    name = "stand-in"
+
+    def __init__(self, d: int):
+        self.d = d
+
+    def build(self) -> StandInModel:
+        return StandInModel(self.d)
+
+    def loss(self, model, batch) -> torch.Tensor:
+        return lm_loss(model, *batch)
+
+    def batches(self, k: int, n: int) -> StandInBatches:
+        return StandInBatches(k)
+
+    def val_batches(self) -> list:
+        return []
+
+
+class StandInBatches:
     def __init__(self, k: int):
         self.x = torch.zeros(1, 1, dtype=torch.long)
         self.y = torch.full((1, 1), k % VOCAB, dtype=torch.long)
 
-    def batch(self, step: int, batch_size: int, seq_len: int):
+    def batch(self, step: int):
         return self.x, self.y
 
 
@@ -99,16 +118,16 @@ class StandInInner:
         self.step_count += 1
         return {}
 
+    def settle(self) -> None:
+        pass  # every step is done when step() returns
+
 
 def make_stand_in(name: str, cfg: Any, peer: str, k: int, ids: list[str],
                   seed: int) -> Algorithm:
-    """The real algorithm object of ``name`` on the stand-in workload."""
-    model = StandInModel(max(VOCAB, len(ids)))
-    algo = ALGOS[name].cls(cfg, peer, model, StandInShard(k), [], batch_size=1, seq_len=1,
-                           peers=frozenset(ids))
-    if hasattr(algo, "inner"):
-        algo.inner = StandInInner(model, k, seed)
-    return algo
+    """The real algorithm object of ``name`` on the stand-in task, with the stand-in inner
+    phase as its inner-step engine (NoLoCo, DiLoCo)."""
+    return ALGOS[name].make(cfg, peer, k, len(ids), ids, StandInTask(max(VOCAB, len(ids))),
+                            inner=lambda loop: StandInInner(loop.model, k, seed))
 
 
 # --- what the configured model would put on the wire ------------------------------------

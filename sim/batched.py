@@ -5,18 +5,19 @@ Theory of operation
 NoLoCo's and DiLoCo's inner phase (``optim.inner.InnerLoop``: AdamW with grad clipping)
 depends on nothing but the peer's own weights, AdamW state, step count and shard. So the
 simulator may *defer* a peer's inner steps and run them later, all peers' together, as
-long as nobody looks at the weights in between. ``ReplicaBank.adopt`` takes over one
-peer's object:
+long as nobody looks at the weights in between. The bank is an inner-step engine, passed
+to the algorithm's constructor (``inner=bank.engine(k)``, optim/inner.py); for slot k it
+takes the peer's ``InnerLoop``:
 
 * the model's parameters become views of slot k of stacked ``(K, ...)`` tensors, so the
   weights of all K replicas live in one block (no copies in or out, and ``load_flat_``
   writes by the algorithm land in the bank directly);
-* ``algo.inner`` becomes a ``DeferredInner`` whose ``step()`` only records a pending step;
-* the two places a ``LocalUpdate`` reads θ — ``_end_inner_phase`` (the exchange reads θ
-  right after the H-th step) and ``evaluate`` — flush the bank first. ``export_state``
-  reads φ and the outer momentum only, which inner steps never touch, so it does not flush.
-  The algorithm writes θ (``load_flat_``) only in its exchange phases, when nothing is
-  pending: a flush always precedes them.
+* the algorithm's engine is a ``DeferredInner`` whose ``step()`` only records a pending
+  step, and whose ``settle()`` flushes the bank: ``LocalUpdate`` settles before it reads θ
+  (the exchange right after the H-th step, ``evaluate``). ``export_state`` reads φ and the
+  outer momentum only, which inner steps never touch, so it does not settle. The algorithm
+  writes θ (``load_flat_``) only in its exchange phases, when nothing is pending: a flush
+  always precedes them.
 
 A flush runs every peer's pending steps as levels: level d takes one step for each peer
 with more than d steps to do. The peers are sorted by steps to do, so each level's replicas
@@ -36,8 +37,8 @@ committed (the engine will deliver it before anything can read the peer's weight
 cannot change meanwhile: the peer is in TRAIN, where messages and timers only buffer);
 when its event comes, ``step()`` finds the result ready. The engine says which steps are committed
 (``Simulation.step_committed``: busy, alive, landing within the run's time limit); a peer
-that leaves before its step lands is never read again, or comes back as a new object that
-``adopt`` resets.
+that leaves before its step lands is never read again, or comes back as a new object whose
+slot ``engine`` resets.
 
 Losses. ``DeferredInner.step()`` returns ``{"lr": lr}`` with no ``"loss"``: the loss is
 not known yet. Each step's loss is handed to ``on_loss(slot, loss)`` when it is both
@@ -61,7 +62,7 @@ they run one by one. On 2 CPU cores batching does not pay (0.5-1.0x): the tiny m
 step is compute-bound already, and a wider computation only spills the caches (see
 scripts/bench_sim.py ``batched_speedup``), so ``--batched`` is off by default. Batching
 pays where one small replica cannot fill the device — an accelerator, which the simulator
-does not use yet (the bank's tensors would have to live there).
+puts the bank's tensors on (they live on the device of the first model taken).
 """
 
 from __future__ import annotations
@@ -72,9 +73,21 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from byteswarm.optim.inner import InnerLoop, LocalUpdate
-from byteswarm.optim.model import lm_loss
+from byteswarm.optim.inner import InnerEngine, InnerLoop
+from byteswarm.optim.task import to_device
 from torch.func import functional_call, grad_and_value, vmap
+
+
+def stack(batches: list[Any]) -> Any:
+    """Replicas' batches (tensors, or tuples/lists/dicts of them) stacked on a new dim 0."""
+    first = batches[0]
+    if isinstance(first, torch.Tensor):
+        return torch.stack(batches)
+    if isinstance(first, (tuple, list)):
+        return type(first)(stack(list(parts)) for parts in zip(*batches))
+    if isinstance(first, dict):
+        return {k: stack([b[k] for b in batches]) for k in first}
+    raise TypeError(f"batched mode: cannot stack a batch of {type(first).__name__}")
 
 
 def _per_replica(values: list[float], like: torch.Tensor) -> torch.Tensor:
@@ -137,6 +150,9 @@ class DeferredInner:
         self.bank.claim(self.slot)
         return {"lr": lr}  # the loss goes to the bank's on_loss (module docstring)
 
+    def settle(self) -> None:
+        self.bank.flush()
+
 
 class ReplicaBank:
     """The weights and AdamW state of up to ``n_slots`` replicas, and their pending steps.
@@ -165,28 +181,29 @@ class ReplicaBank:
         self.counts = {"adopted": 0, "flushes": 0, "computations": 0, "replica_steps": 0,
                        "in_flight_steps": 0}
         self._grad: Callable | None = None
+        self._device = torch.device("cpu")
 
     # -- taking peers over
-    def adopt(self, slot: int, algo: Any) -> bool:
-        """Move ``algo``'s weights into ``slot`` and defer its inner steps. False (and
-        nothing changed) for an object without an ``InnerLoop`` (SPSA) or a model with
-        buffers or frozen parameters, which stay one by one."""
-        inner = getattr(algo, "inner", None)
-        if not isinstance(algo, LocalUpdate) or not isinstance(inner, InnerLoop):
-            return False
+    def engine(self, slot: int) -> Callable[[InnerLoop], InnerEngine]:
+        """The inner-step engine for the algorithm built into ``slot`` (its constructor's
+        ``inner=``): the slot's ``DeferredInner``, or the loop itself (one by one) for a
+        model with buffers or frozen parameters."""
+        return lambda loop: self.take(slot, loop)
+
+    def take(self, slot: int, inner: InnerLoop) -> InnerEngine:
+        """Move ``inner``'s weights into ``slot`` and defer its steps."""
         model = inner.model
         if list(model.buffers()) or not all(p.requires_grad for p in model.parameters()):
-            return False
+            return inner
         if inner.step_count or inner.opt.state:
-            raise RuntimeError("ReplicaBank.adopt: the inner loop has already stepped")
+            raise RuntimeError("ReplicaBank.take: the inner loop has already stepped")
         group = inner.opt.param_groups[0]
-        hyper = (tuple(group["betas"]), group["eps"], group["weight_decay"],
-                 inner.grad_clip, inner.batch_size, inner.seq_len)
+        hyper = (tuple(group["betas"]), group["eps"], group["weight_decay"], inner.grad_clip)
         if self.hyper is None:
-            self._allocate(model)
+            self._allocate(inner)
             self.hyper = hyper
         elif hyper != self.hyper:
-            raise ValueError(f"ReplicaBank.adopt: slot {slot} has other inner settings "
+            raise ValueError(f"ReplicaBank.take: slot {slot} has other inner settings "
                              f"{hyper} than {self.hyper}")
         if self.pending[slot]:  # the slot's last occupant left with steps to compute
             self.flush()
@@ -199,26 +216,31 @@ class ReplicaBank:
                 self.exp_avg_sq[name][slot].zero_()
         self.count[slot], self.pending[slot], self.early[slot] = 0, 0, []
         self.inner[slot] = inner
-        algo.inner = DeferredInner(self, slot, inner.lr_at)
-        # The two reads of θ in LocalUpdate (module docstring): flush, then read.
-        end_inner_phase, evaluate = algo._end_inner_phase, algo.evaluate
-        algo._end_inner_phase = lambda now: (self.flush(), end_inner_phase(now))[1]
-        algo.evaluate = lambda: (self.flush(), evaluate())[1]
         self.counts["adopted"] += 1
-        return True
+        return DeferredInner(self, slot, inner.lr_at)
 
-    def _allocate(self, model: torch.nn.Module) -> None:
+    def _allocate(self, inner: InnerLoop) -> None:
+        model, job = inner.model, inner.job
         for name, p in model.named_parameters():
             shape = (self.n, *p.shape)
-            self.params[name] = torch.zeros(shape, dtype=p.dtype)
-            self.exp_avg[name] = torch.zeros(shape, dtype=p.dtype)
-            self.exp_avg_sq[name] = torch.zeros(shape, dtype=p.dtype)
-        skeleton = copy.deepcopy(model).to("meta")  # the structure; weights come stacked
+            for d in (self.params, self.exp_avg, self.exp_avg_sq):
+                d[name] = torch.zeros(shape, dtype=p.dtype, device=p.device)
+        # The structure; weights come stacked. Tied parameters must stay one parameter (a
+        # plain .to("meta") unties them, and functional_call would then leave the second
+        # slot an empty placeholder): the memo maps each to one meta stand-in.
+        memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"),
+                                          requires_grad=p.requires_grad)
+                for p in model.parameters()}
+        skeleton = copy.deepcopy(model, memo)  # no buffers: take() refused those
 
-        def loss(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor):
-            return lm_loss(lambda t: functional_call(skeleton, params, (t,)), x, y)
+        def loss(params: dict[str, torch.Tensor], batch: Any):
+            def bound(*args: Any, **kwargs: Any) -> Any:
+                return functional_call(skeleton, params, args, kwargs)
+            with job.autocast():
+                return job.task.loss(bound, batch).float()
 
-        self._grad = vmap(grad_and_value(loss))  # (K, ...) params, (K, B, T) x, y
+        self._grad = vmap(grad_and_value(loss))  # (K, ...) params, batches stacked (K, ...)
+        self._device = job.device
 
     # -- the deferred steps
     def claim(self, slot: int) -> None:
@@ -269,16 +291,14 @@ class ReplicaBank:
                exp_avg_sq: dict[str, torch.Tensor]) -> list[float]:
         """One inner step for the replicas ``active``, rows lo..hi-1 of the gathered state."""
         w, hi = len(active), lo + len(active)
-        betas, eps, weight_decay, grad_clip, batch_size, seq_len = self.hyper
-        batches = [self.inner[s].shard.batch(self.count[s], batch_size, seq_len)
-                   for s in active]
-        x = torch.stack([b[0] for b in batches])  # (w, B, T)
-        y = torch.stack([b[1] for b in batches])  # (w, B, T)
+        betas, eps, weight_decay, grad_clip = self.hyper
+        batch = to_device(stack([self.inner[s].job.data.batch(self.count[s]) for s in active]),
+                          self._device)  # each tensor (w, ...)
         p = {k: t[lo:hi] for k, t in params.items()}  # (w, ...) views
         with warnings.catch_warnings():
             # CPU attention has no vmap batching rule: torch loops over replicas inside.
             warnings.filterwarnings("ignore", message=".*performance drop.*")
-            grads, loss = self._grad(p, x, y)  # name -> (w, ...), (w,)
+            grads, loss = self._grad(p, batch)  # name -> (w, ...), (w,)
         g = [grads[k] for k in p]
         if grad_clip > 0:
             clip_grad_norms_(g, grad_clip)

@@ -17,7 +17,9 @@ batched_speedup in scripts/bench_sim.py); batching pays where one small replica 
 fill the device, an accelerator, which the simulator does not use yet.
 
 Algorithm settings go in a TOML file (--config) as [spsa], [noloco] and [diloco] tables;
-the run itself in [sim], the workload in [model] and [data]. Flags override the file.
+the run itself in [sim], what to train in [task] (--task module:attr runs your own task,
+optim/task.py; --device and --dtype say where and in what precision), the built-in task in
+[model] and [data]. Flags override the file.
 """
 
 from __future__ import annotations
@@ -30,14 +32,15 @@ from byteswarm.optim import config as C
 from byteswarm.optim.data import DataConfig
 from byteswarm.optim.files import MetricsLog, save_json
 from byteswarm.optim.model import ModelConfig
-from byteswarm.optim.workload import ALGOS, load_workload
+from byteswarm.optim.task import TaskConfig
+from byteswarm.optim.workload import ALGOS, make_task
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import plots
 from .runner import SimConfig, run_algorithm
 from .scenario import load_scenario
 
-SECTIONS = {"sim": SimConfig, "model": ModelConfig, "data": DataConfig}
+SECTIONS = {"sim": SimConfig, "task": TaskConfig, "model": ModelConfig, "data": DataConfig}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,7 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/sim", metavar="DIR",
                    help="run folder (default: runs/sim)")
-    p.add_argument("--config", metavar="FILE", help="TOML file with [sim], [model], [data], "
+    p.add_argument("--config", metavar="FILE", help="TOML file with [sim], [task], [model], "
+                   "[data], "
                    + ", ".join(f"[{a}]" for a in ALGOS) + " tables")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--no-train", action="store_true",
@@ -61,8 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def load_configs(args: argparse.Namespace):
     file = C.load_tables(args.config, sorted(set(SECTIONS) | set(ALGOS)))
-    sim, model, data = (C.resolve(cls, args, file.get(name), where=name)
-                        for name, cls in SECTIONS.items())
+    sim, task, model, data = (C.resolve(cls, args, file.get(name), where=name)
+                              for name, cls in SECTIONS.items())
     algos = [a.strip() for a in sim.algo.split(",") if a.strip()]
     for a in algos:
         if a not in ALGOS:
@@ -71,22 +75,26 @@ def load_configs(args: argparse.Namespace):
         raise C.ConfigError("algo: give each algorithm once, e.g. spsa,noloco,diloco")
     algo_cfgs = {a: C.from_mapping(ALGOS[a].config_cls, file.get(a, {}), where=a)
                  for a in algos}
-    return sim, model, data, algo_cfgs
+    return sim, task, model, data, algo_cfgs
 
 
 def run(args: argparse.Namespace) -> int:
-    sim, mcfg, dcfg, algo_cfgs = load_configs(args)
+    sim, kcfg, mcfg, dcfg, algo_cfgs = load_configs(args)
     scenario = load_scenario(sim.scenario)
     out = Path(args.out)
     if getattr(args, "no_train", False):
+        if kcfg.task:
+            raise C.ConfigError("--no-train sizes messages from the built-in model's [model] "
+                                "settings; it does not run --task")
         from .analytic import run_cli
 
         return run_cli(args, sim, mcfg, algo_cfgs, scenario, out)
-    w = load_workload(mcfg, dcfg, sim.seed)
+    w = make_task(kcfg, mcfg, dcfg, sim.seed)
     log = MetricsLog(out / "metrics.jsonl")
     summary = {"scenario": scenario.name, "description": scenario.description,
-               "config": {"sim": C.to_dict(sim), "model": C.to_dict(mcfg.resolved()),
-                          "data": C.to_dict(dcfg)},
+               "task": w.name,
+               "config": {"sim": C.to_dict(sim), "task": C.to_dict(kcfg),
+                          "model": C.to_dict(mcfg.resolved()), "data": C.to_dict(dcfg)},
                "algorithms": {}}
     results = []
     t0 = time.perf_counter()
@@ -95,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
                   TimeRemainingColumn(), disable=args.quiet) as bar:
         for name, acfg in algo_cfgs.items():
             task = bar.add_task(f"{name:7s} {scenario.name}", total=sim.peers * sim.steps)
-            res = run_algorithm(name, acfg, sim, scenario, w,
+            res = run_algorithm(name, acfg, sim, scenario, w, device=kcfg.device,
+                                dtype=kcfg.dtype,
                                 progress=lambda k, task=task: bar.advance(task, k))
             bar.update(task, completed=sim.peers * sim.steps)
             for row in res.rows:

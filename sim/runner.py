@@ -15,7 +15,8 @@ from typing import Any
 
 from byteswarm.optim.config import opt
 from byteswarm.optim.spsa import Record
-from byteswarm.optim.workload import ALGOS, Workload
+from byteswarm.optim.task import Task
+from byteswarm.optim.workload import ALGOS
 from byteswarm.protocols import wire
 
 from .batched import ReplicaBank
@@ -59,8 +60,9 @@ def wire_size(msg: Any, swarm: str) -> int:
     return len(wire.encode(msg, swarm=swarm))
 
 
-def run_algorithm(name: str, algo_cfg: Any, sim: SimConfig, scenario: Scenario, w: Workload,
-                  *, progress: Callable[[int], None] | None = None) -> RunResult:
+def run_algorithm(name: str, algo_cfg: Any, sim: SimConfig, scenario: Scenario, w: Task,
+                  *, device: str = "cpu", dtype: str = "fp32",
+                  progress: Callable[[int], None] | None = None) -> RunResult:
     entry = ALGOS[name]
     specs = scenario.peer_specs(sim.peers, sim.steps, entry.forwards_per_step)
     ids = [s.id for s in specs]
@@ -78,10 +80,9 @@ def run_algorithm(name: str, algo_cfg: Any, sim: SimConfig, scenario: Scenario, 
                            on_loss=on_loss)
 
     def make(spec):
-        algo = entry.make(algo_cfg, spec.id, by_id[spec.id], len(ids), ids, w)
-        if bank is not None:
-            bank.adopt(by_id[spec.id], algo)  # False (one by one) for SPSA
-        return algo
+        k = by_id[spec.id]
+        return entry.make(algo_cfg, spec.id, k, len(ids), ids, w, device=device, dtype=dtype,
+                          inner=None if bank is None else bank.engine(k))
 
     def on_step(engine: Simulation, peer: str, info: dict) -> None:
         st = engine.peers[peer]

@@ -23,12 +23,15 @@ from byteswarm.optim.files import (
     save_json,
 )
 from byteswarm.optim.model import ModelConfig
+from byteswarm.optim.task import Job, TaskConfig
 from byteswarm.optim.train import LocalTrainer, TrainConfig
+from byteswarm.optim.workload import make_task
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .plots import plot_lines
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+SECTIONS = {"task": TaskConfig, "model": ModelConfig, "data": DataConfig,
+            "train": TrainConfig}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="DIR",
                    help="run folder for metrics, summary, plot and checkpoint")
     p.add_argument("--config", metavar="FILE",
-                   help="TOML file with [model], [data] and [train] tables; flags override it")
+                   help="TOML file with [task], [model], [data] and [train] tables; flags "
+                   "override it ([model] and [data] describe the built-in task)")
     p.add_argument("--fresh", action="store_true",
                    help="ignore a checkpoint in DIR and start over")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -47,7 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def load_configs(args: argparse.Namespace) -> tuple[ModelConfig, DataConfig, TrainConfig]:
+def load_configs(args: argparse.Namespace) -> tuple[TaskConfig, ModelConfig, DataConfig,
+                                                     TrainConfig]:
     file = C.load_tables(args.config, list(SECTIONS))
     return tuple(C.resolve(cls, args, file.get(name), where=name)  # type: ignore[return-value]
                  for name, cls in SECTIONS.items())
@@ -66,13 +71,14 @@ class StopFlag:
 
 
 def run(args: argparse.Namespace) -> int:
-    mcfg, dcfg, tcfg = load_configs(args)
+    kcfg, mcfg, dcfg, tcfg = load_configs(args)
     out = Path(args.out)
     ckpt_path = out / "checkpoint.pt"
-    configs = {"model": C.to_dict(mcfg.resolved()), "data": C.to_dict(dcfg),
-               "train": C.to_dict(tcfg)}
+    configs = {"task": C.to_dict(kcfg), "model": C.to_dict(mcfg.resolved()),
+               "data": C.to_dict(dcfg), "train": C.to_dict(tcfg)}
 
-    trainer = LocalTrainer(mcfg, dcfg, tcfg)
+    work = make_task(kcfg, mcfg, dcfg, tcfg.seed)
+    trainer = LocalTrainer(Job.of(work, 0, 1, device=kcfg.device, dtype=kcfg.dtype), tcfg)
     resume_step = None
     if ckpt_path.exists() and not args.fresh:
         state = load_checkpoint(ckpt_path)
@@ -118,8 +124,8 @@ def run(args: argparse.Namespace) -> int:
     seconds = elapsed_before + time.perf_counter() - t0
     summary = {"final_val_loss": val_loss if val_loss is not None else trainer.evaluate(),
                "steps": trainer.step_count, "params": trainer.params,
-               "seconds": round(seconds, 3), "corpus": trainer.corpus.source,
-               "bytes_per_step": dcfg.batch_size * trainer.seq_len, **configs}
+               "seconds": round(seconds, 3), "task_name": work.name,
+               "device": str(trainer.job.device), **configs}
     save_json(out / "summary.json", summary)
     rows = read_metrics(out / "metrics.jsonl")
     train_pts = [(r["step"], r["loss"]) for r in rows]
@@ -127,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     plot_lines(out / "loss.png", {"train (batch)": tuple(zip(*train_pts)),
                                   "validation": tuple(zip(*val_pts))},
                xlabel="step", ylabel="loss (nats)",
-               title=f"byteswarm train: {mcfg.preset}, {trainer.params:,} parameters")
+               title=f"byteswarm train: {work.name}, {trainer.params:,} parameters")
     print(f"final validation loss {summary['final_val_loss']:.4f} nats after "
           f"{trainer.step_count} steps in {seconds:.1f} s -> {out}")
     return 0

@@ -81,8 +81,10 @@ def max_diff(a, b) -> float:
                                                            b.model.parameters()))
 
 
-def make_peers(workload, cfg):
-    return [ALGOS["noloco"].make(cfg, p, k, len(IDS), IDS, workload) for k, p in enumerate(IDS)]
+def make_peers(workload, cfg, bank=None):
+    return [ALGOS["noloco"].make(cfg, p, k, len(IDS), IDS, workload,
+                                 inner=None if bank is None else bank.engine(k))
+            for k, p in enumerate(IDS)]
 
 
 @pytest.mark.parametrize("max_width", [8, 2])
@@ -91,10 +93,10 @@ def test_masking_peers_with_different_pending_counts(workload, float64, max_widt
     (a replica stepped with a zero gradient would still move through its AdamW moments).
     With max_width 2, the first level runs in two chunks."""
     cfg = NoLoCoConfig(inner_steps=50, warmup=2, impl="reference")
-    ref, bat = make_peers(workload, cfg), make_peers(workload, cfg)
     losses = {k: [] for k in range(3)}
     bank = ReplicaBank(3, on_loss=lambda k, x: losses[k].append(x), max_width=max_width)
-    assert all(bank.adopt(k, a) for k, a in enumerate(bat))
+    ref, bat = make_peers(workload, cfg), make_peers(workload, cfg, bank)
+    assert bank.stats()["adopted"] == 3
     start = flatten(bat[2].model)
     ref_losses = {k: [] for k in range(3)}
     for counts in ([3, 1, 0], [1, 3, 2]):
@@ -115,12 +117,10 @@ def test_masking_peers_with_different_pending_counts(workload, float64, max_widt
 
 def test_in_flight_step_runs_early_and_is_claimed_later(workload, float64):
     cfg = NoLoCoConfig(inner_steps=50, impl="reference")
-    ref, bat = make_peers(workload, cfg), make_peers(workload, cfg)
     losses = {k: [] for k in range(3)}
     busy = {1}
     bank = ReplicaBank(3, committed=lambda k: k in busy, on_loss=lambda k, x: losses[k].append(x))
-    for k, a in enumerate(bat):
-        bank.adopt(k, a)
+    ref, bat = make_peers(workload, cfg), make_peers(workload, cfg, bank)
     for a in (ref[0], ref[0], ref[1], ref[1]):
         a.on_local_step(0.0)
     for a in (bat[0], bat[0], bat[1]):
@@ -196,8 +196,10 @@ def test_batched_runs_are_deterministic(workload, monkeypatch):
 
 
 def test_spsa_is_left_one_by_one(workload):
-    algo = ALGOS["spsa"].make(SPSAConfig(), "p0000", 0, 1, ["p0000"], workload)
-    assert ReplicaBank(1).adopt(0, algo) is False
+    bank = ReplicaBank(1)
+    algo = ALGOS["spsa"].make(SPSAConfig(), "p0000", 0, 1, ["p0000"], workload,
+                              inner=bank.engine(0))
+    assert bank.stats()["adopted"] == 0 and algo.step == 0
 
 
 def test_cli_switch():

@@ -16,6 +16,8 @@ from byteswarm.optim.noloco import NoLoCo, NoLoCoConfig, NoLoCoShare, draw_group
 from byteswarm.optim.outer import diloco_outer_step, group_mean
 from byteswarm.optim.sansio import EVERYONE
 from byteswarm.optim.spread import replica_spread
+from byteswarm.optim.task import Job
+from byteswarm.optim.workload import Workload
 
 MICRO = ModelConfig(n_layer=1, n_embd=16, n_head=2, context=16)
 
@@ -28,9 +30,9 @@ def corpus():
 def make_swarm(cls, cfg, corpus, n, *, model_cfg=MICRO, batch_size=8):
     ids = [f"p{i}" for i in range(n)]
     seq_len = model_cfg.resolved().context
-    val = corpus.val_set(batch_size, seq_len, 4)
-    return {pid: cls(cfg, pid, build_model(model_cfg, seed=0), corpus.shard(k, n), val,
-                     batch_size=batch_size, seq_len=seq_len, peers=frozenset(ids))
+    task = Workload(model_cfg, DataConfig(batch_size=batch_size), corpus, 0, seq_len,
+                    corpus.val_set(batch_size, seq_len, 4))
+    return {pid: cls(cfg, pid, Job.of(task, k, n), peers=frozenset(ids))
             for k, pid in enumerate(ids)}
 
 

@@ -6,11 +6,10 @@ import statistics
 import pytest
 import torch
 from byteswarm.optim.data import Corpus, DataConfig
-from byteswarm.optim.model import ModelConfig, build_model
+from byteswarm.optim.model import ModelConfig
 from byteswarm.optim.sansio import EVERYONE
 from byteswarm.optim.spsa import (
     Q_MAX,
-    SPSA,
     Record,
     Snapshot,
     SPSAConfig,
@@ -20,6 +19,7 @@ from byteswarm.optim.spsa import (
     record_seed,
     replay,
 )
+from byteswarm.optim.workload import ALGOS, Workload
 
 BATCH, SEQ = 32, 64
 
@@ -29,15 +29,13 @@ def corpus():
     return Corpus.load(DataConfig(max_bytes=4_000_000))
 
 
-def make_peers(corpus, n, cfg, *, seed=0):
+def make_peers(corpus, n, cfg, *, seed=0, spot_checks=False):
     ids = [f"p{i:02d}" for i in range(n)]
-    val = corpus.val_set(BATCH, SEQ, 4, seed=seed)
-    peers = []
-    for k, pid in enumerate(ids):
-        model = build_model(ModelConfig(preset="tiny"), seed=seed)
-        peers.append(SPSA(cfg, pid, model, corpus.shard(k, n, seed=seed), val,
-                          batch_size=BATCH, seq_len=SEQ, peers=frozenset(ids)))
-    return peers
+    task = Workload(ModelConfig(preset="tiny"), DataConfig(batch_size=BATCH), corpus, seed, SEQ,
+                    corpus.val_set(BATCH, SEQ, 4, seed=seed))
+    return [ALGOS["spsa"].make(cfg, pid, k, n, ids, task,
+                               index_of=ids.index if spot_checks else None)
+            for k, pid in enumerate(ids)]
 
 
 def run_lockstep(peers, steps, *, shuffle=None, now=0.0):
@@ -196,10 +194,7 @@ def test_records_of_a_peer_that_just_left_still_count(corpus):
 
 def test_spot_checks_ban_a_liar_on_every_honest_peer_alike(corpus):
     cfg = SPSAConfig(spot_check_rate=1.0, finality_steps=2, lr=0.05)
-    peers = make_peers(corpus, 4, cfg)
-    shards = {p.peer_id: p.shard for p in peers}
-    for p in peers:
-        p.shard_of = shards.__getitem__
+    peers = make_peers(corpus, 4, cfg, spot_checks=True)
     honest, liar = peers[:3], peers[3]
     delayed = []
     for t in range(5):

@@ -114,7 +114,7 @@ def test_initial_weights_from_a_file_are_checked_and_used(tmp_path):
     torch.save(state, tmp_path / "w.pt")
     save_checkpoint(tmp_path / "ckpt.pt", {"trainer": {"model": state, "step": 3}})
     for name in ("w.pt", "ckpt.pt"):  # a state dict, or what byteswarm train writes
-        got = read_weights(tmp_path / name, cfg)
+        got = read_weights(tmp_path / name, build_model(cfg))
         assert all(torch.equal(got[k], v) for k, v in state.items())
     w = load_workload(cfg, DataConfig(max_bytes=200_000, batch_size=4), 0, init=got)
     for algo in ("spsa", "noloco"):  # every replica starts from the file, not the seed
@@ -130,4 +130,4 @@ def test_initial_weights_from_a_file_are_checked_and_used(tmp_path):
                       ("other.pt", "shape"), ("junk.pt", "cannot load"),
                       ("missing.pt", "cannot load")):
         with pytest.raises(ConfigError, match=why):
-            read_weights(tmp_path / name, cfg)
+            read_weights(tmp_path / name, build_model(cfg))
