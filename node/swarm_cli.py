@@ -30,6 +30,7 @@ from typing import Any
 
 from byteswarm.optim import config as C
 from byteswarm.optim.sansio import Rejected
+from byteswarm.optim.task import TaskConfig
 from byteswarm.protocols import admission, manifest, records
 from byteswarm.protocols.swarmid import parse_swarm_id
 from hivemind import DHT
@@ -92,6 +93,9 @@ def _node_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("--" + name.replace("_", "-"), dest=name, nargs="+", metavar="MADDR")
     C.add_arguments(p, NodeConfig, title="node options",
                     skip=FIXED + ("host_maddrs", "announce_maddrs"))
+    C.add_arguments(p, TaskConfig, title="task options (a user task must be the manifest's "
+                    "[init] task: byteswarm runs no code a manifest names unless you name "
+                    "it too)")
 
 
 def _node_config(args: argparse.Namespace, algo: str, seed: int, sid: str,
@@ -124,9 +128,16 @@ def _run(args: argparse.Namespace, sid: str, initial_peers: list[str],
     """Run a node of swarm ``sid``; ``configure(dht)`` yields its manifest, the signed
     bytes to keep published and our admission token."""
     first = _node_config(args, "spsa", 0, sid, initial_peers)
+    kcfg = C.resolve(TaskConfig, args, {}, where="task")
 
     def settings(dht: DHT) -> tuple:
         m, blob, token = configure(dht)
+        if (m.task or "") != kcfg.task:
+            theirs = f"task {printable(m.task)}" if m.task else "the built-in task"
+            fix = (f"run with --task {printable(m.task)} (its code must be on this machine)"
+                   if m.task else "run without --task")
+            raise C.ConfigError(f"manifest: this swarm trains {theirs}, not "
+                                f"{kcfg.task or 'the built-in task'}: {fix}")
         if m.weights is not None and args.weights:
             m.check_weights(args.weights)
         elif m.weights is not None and not initial_peers:
@@ -140,7 +151,8 @@ def _run(args: argparse.Namespace, sid: str, initial_peers: list[str],
                                          needs_weights=not args.weights)
         return node, m.model, m.data_config(args.data_file), m.algo_config(), public
 
-    return launch(first, Path(args.out), settings, fresh=args.fresh, quiet=args.quiet)
+    return launch(first, Path(args.out), settings, fresh=args.fresh, quiet=args.quiet,
+                  kcfg=kcfg)
 
 
 def _identity_path(args: argparse.Namespace) -> Path:

@@ -24,6 +24,8 @@ The TOML form (every table and most keys optional; the defaults are the dataclas
     [init]
     seed = 0                          # run seed: weights, data deal, validation batches
     weights = "sha256:<64 hex>"       # optional: start from this weights file instead
+    task = "examples/hf_task.py:task" # optional: a user task (optim/task.py), not the
+                                      # built-in one; a joiner must name it too (--task)
     [noloco]                          # the algorithm's config, named after it
     inner_steps = 50
 
@@ -93,6 +95,7 @@ MAX_SIGNED = 1 << 17  # bytes of a signed manifest: 1000 hex keys are ~67 kB
 MAX_DEPTH = 4
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 HEX_KEY = re.compile(r"^[0-9a-f]{64}$")
+TASK_SPEC = re.compile(r"^[A-Za-z0-9_./-]{1,160}:[A-Za-z_][A-Za-z0-9_.]{0,38}$")
 ADMISSION = ("open", "allowlist")
 DERIVED = {"swarm": "it is derived from the swarm id"}
 LOCAL = {"impl": "it is each machine's kernel choice"}
@@ -113,6 +116,7 @@ class Manifest:
     seed: int
     weights: str | None  # "sha256:<hex>" of a weights file, or None: from the seed
     params: tuple[tuple[str, Any], ...]  # the algorithm table, every field, sorted
+    task: str | None = None  # "module:attr" of a user task, or None: the built-in one
     # The bytes this manifest was decoded from (they, not a re-encoding, define its id).
     # init=False: dataclasses.replace() drops them, so an edited copy gets a new id.
     _canonical: bytes | None = field(default=None, init=False, compare=False, repr=False)
@@ -282,9 +286,14 @@ def from_dict(d: Any, *, where: str = "manifest") -> Manifest:
         corpus = _sha(corpus, f"{where} [data]: corpus ('stdlib' or a file's hash)")
     data_cfg = _build(DataConfig, dict(data, data=corpus), f"{where} [data]")
     init = _table(d.get("init", {}), f"{where} [init]")
-    bad = sorted(set(init) - {"seed", "weights"})
+    bad = sorted(set(init) - {"seed", "weights", "task"})
     if bad:
-        raise ConfigError(f"{where} [init]: unknown key {bad[0]!r} (known: seed, weights)")
+        raise ConfigError(f"{where} [init]: unknown key {bad[0]!r} (known: seed, weights, "
+                          "task)")
+    task = init.get("task")
+    if task is not None and not (isinstance(task, str) and TASK_SPEC.match(task)):
+        raise ConfigError(f"{where} [init]: task must be module:attr or file.py:attr, at "
+                          f"most 200 characters; got {task!r}"[:300])
     seed = init.get("seed", 0)
     if type(seed) is not int or not 0 <= seed <= 2**62:
         raise ConfigError(f"{where} [init]: seed must be an integer in [0, 2^62], "
@@ -297,7 +306,7 @@ def from_dict(d: Any, *, where: str = "manifest") -> Manifest:
     params = tuple(sorted((k, v) for k, v in dataclasses.asdict(cfg).items()
                           if k not in DERIVED and k not in LOCAL and k != "codec"))
     return Manifest(name, algo, codec, creator, admission, tuple(sorted(allowlist)), model,
-                    data_cfg, seed, weights, params)
+                    data_cfg, seed, weights, params, task)
 
 
 def parse(text: str, *, where: str = "manifest") -> Manifest:
@@ -346,7 +355,8 @@ def to_dict(m: Manifest) -> dict[str, Any]:
         "model": dataclasses.asdict(m.model),
         "data": {("corpus" if k == "data" else k): v
                  for k, v in dataclasses.asdict(m.data).items()},
-        "init": {"seed": m.seed, **({"weights": m.weights} if m.weights else {})},
+        "init": {"seed": m.seed, **({"weights": m.weights} if m.weights else {}),
+                 **({"task": m.task} if m.task else {})},
         m.algorithm: dict(m.params),
     }
     return d

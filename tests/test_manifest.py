@@ -315,3 +315,17 @@ def test_deep_toml_and_deep_canonical_are_refused_not_crashed():
     assert reason(M.from_canonical, b"\x91" * 1000 + b"\x00").reason == "bad_manifest"
     assert reason(M.from_canonical, bytearray(M.MAX_SIGNED + 1)).reason == "bad_manifest"
     assert reason(M.from_canonical, "text").reason == "bad_manifest"
+
+
+def test_a_user_task_is_named_in_the_manifest_and_pins_the_id(signed):
+    text = toml().replace("seed = 3\n", 'seed = 3\ntask = "examples/hf_task.py:task"\n')
+    m = M.parse(text)
+    assert m.task == "examples/hf_task.py:task" and signed.manifest.task is None
+    assert M.from_dict(M.to_dict(m)) == m
+    assert m.swarm_id != signed.manifest.swarm_id  # another task, another swarm
+    assert "task" not in M.to_dict(signed.manifest)["init"]  # old ids do not move
+    s = M.sign(m, CREATOR)
+    assert M.verify(s.to_bytes(), m.swarm_id).task == m.task
+    for bad in ('"os"', '"a:b;rm -rf"', '"x:1y"', f'"{"m" * 200}:t"', "3"):
+        with pytest.raises(ConfigError, match="task must be"):
+            M.parse(toml().replace("seed = 3\n", f"seed = 3\ntask = {bad}\n"))
