@@ -17,7 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: adding and subtracting it rounds to an integer (RNE)
+# 1.5 * 2**23: adding and subtracting it rounds to an integer (RNE). A constexpr: the GPU
+# compiler refuses plain globals inside @jit functions (only the interpreter takes them).
+ROUND_MAGIC = tl.constexpr(12582912.0)
 
 
 @triton.jit
