@@ -21,7 +21,7 @@ VOCAB = 256  # one token per byte
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     preset: str = opt("tiny", "model size preset; other model fields override it",
-                      choices=("tiny", "small"))
+                      choices=("tiny", "small", "medium"))
     n_layer: int | None = opt(None, "transformer blocks", lo=1, hi=64)
     n_embd: int | None = opt(None, "width (channels)", lo=8, hi=4096)
     n_head: int | None = opt(None, "attention heads (must divide the width)", lo=1, hi=64)
@@ -42,9 +42,12 @@ class ModelConfig:
 
 # tiny: 2 x 64 wide, 136k parameters (the size the algorithm specs were planned with).
 # small: 4 x 256 wide, about 3.3M parameters (the default simulation).
+# medium: 8 x 768 wide, 57.3M parameters (229 MB of fp32 weights), big enough that weights
+# and optimizer state, not the interpreter, dominate memory (scripts/bench_memory.py).
 PRESETS = {
     "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 4, "context": 64},
     "small": {"n_layer": 4, "n_embd": 256, "n_head": 8, "context": 128},
+    "medium": {"n_layer": 8, "n_embd": 768, "n_head": 12, "context": 256},
 }
 
 
