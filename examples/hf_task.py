@@ -43,7 +43,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from byteswarm.optim.config import ConfigError
-from byteswarm.optim.data import Corpus, DataConfig, Shard
+from byteswarm.optim.data import Corpus, DataConfig
+from byteswarm.optim.workload import LMBatches
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -140,23 +141,13 @@ class HFTask:
         logits = model(input_ids=x).logits  # (B, T, 256)
         return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
-    def batches(self, k: int, n: int) -> ByteBatches:
-        return ByteBatches(self._corpus.shard(k, n, seed=self.seed), self.batch_size,
+    def batches(self, k: int, n: int) -> LMBatches:
+        return LMBatches(self._corpus.shard(k, n, seed=self.seed), self.batch_size,
                            self.seq_len)
 
     def val_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return self._corpus.val_set(self.batch_size, self.seq_len, self.val_batches_count,
                                     seed=self.seed)
-
-
-@dataclass(frozen=True)
-class ByteBatches:
-    shard: Shard
-    batch_size: int
-    seq_len: int
-
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.shard.batch(step, self.batch_size, self.seq_len)
 
 
 task = HFTask()
