@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import os
 import platform
 import re
 import sysconfig
@@ -83,8 +84,11 @@ def _documents(root: Path) -> list[Path]:
         return [root]
     if not root.is_dir():
         raise ConfigError(f"data: {root} is neither a file nor a folder")
-    docs = [p for p in root.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES
-            and not (SKIP_DIRS & set(p.relative_to(root).parts[:-1]))]
+    docs = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS]  # not walked at all
+        docs += [p for p in map(Path(dirpath).joinpath, filenames)
+                 if p.suffix in TEXT_SUFFIXES and p.is_file()]
     docs.sort(key=lambda p: p.relative_to(root).as_posix())
     if not docs:
         raise ConfigError(f"data: no text files ({', '.join(sorted(TEXT_SUFFIXES))}) "
