@@ -21,7 +21,9 @@ Layout (the canonical flat order every peer shares):
 The module's parameters are moved into the buffer (their storage, not their identity), so
 training and evaluation go through it; ``views(other)`` maps the same layout onto a scratch
 buffer for a perturbed forward pass with ``torch.func.functional_call`` (see
-``forward_with``).
+``forward_with``). SPSA perturbs without a whole scratch where it can: one module's slice
+at a time, as the module runs (optim/lean.py), the 32-aligned starts making a slice's z
+the whole buffer's.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from torch import nn
 ALIGN = 32  # elements; one Philox word supplies 32 signs
 
 
-def _align_up(n: int, a: int = ALIGN) -> int:
+def align_up(n: int, a: int = ALIGN) -> int:
+    """n rounded up to a multiple of a (a tensor's start, the buffer's end)."""
     return (n + a - 1) // a * a
 
 
@@ -70,10 +73,10 @@ class FlatParams:
         self.slices: dict[str, tuple[int, int, torch.Size]] = {}
         cursor = 0
         for name, p in named:
-            offset = _align_up(cursor)
+            offset = align_up(cursor)
             self.slices[name] = (offset, p.numel(), p.shape)
             cursor = offset + p.numel()
-        self.numel = _align_up(cursor)
+        self.numel = align_up(cursor)
         self.n_params = sum(n for _, n, _ in self.slices.values())
         self.buffer = torch.zeros(self.numel, dtype=torch.float32, device=devices.pop())
 
@@ -100,7 +103,7 @@ class FlatParams:
 
     def views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
         """name -> view into ``buf``, a buffer with this layout (e.g. a perturbed scratch)."""
-        self._check(buf)
+        self.check(buf)
         return {name: self.tensor(name, buf) for name in self.slices}
 
     def word_offset(self, name: str) -> int:
@@ -116,7 +119,7 @@ class FlatParams:
     def zero_padding_(self, buf: torch.Tensor | None = None) -> torch.Tensor:
         """Zero the padding of ``buf`` (default: the canonical buffer) after a kernel pass."""
         buf = self.buffer if buf is None else buf
-        self._check(buf)
+        self.check(buf)
         if self.pad_index.numel():
             buf.index_fill_(0, self.pad_index, 0.0)
         return buf
@@ -139,7 +142,7 @@ class FlatParams:
     def swapped(self, buf: torch.Tensor) -> Iterator[None]:
         """Within the block the module reads ``buf`` (for code that calls the module
         directly, e.g. a loss function). Cheap: it swaps the storage the views point at."""
-        self._check(buf)
+        self.check(buf)
         old = self.buffer
         with torch.no_grad():
             for name, p in self.params.items():
@@ -151,7 +154,8 @@ class FlatParams:
                 for name, p in self.params.items():
                     p.set_(self.tensor(name, old))
 
-    def _check(self, buf: torch.Tensor) -> None:
+    def check(self, buf: torch.Tensor) -> None:
+        """ValueError unless ``buf`` has this layout: (numel,) fp32 on our device."""
         if buf.shape != (self.numel,) or buf.dtype != torch.float32 \
                 or buf.device != self.buffer.device:
             raise ValueError(f"expected a ({self.numel},) float32 buffer on "
