@@ -70,8 +70,7 @@ KERNELS = {
         {"BLOCK": OUTER_BLOCK}, fp_fusion=False),
     "optim/kernels/rademacher_triton.py:_rademacher_kernel": Kernel(
         {"src_ptr": "*fp32", "dst_ptr": "*fp32", "seeds_ptr": "*i64", "coeffs_ptr": "*fp32",
-         "n_records": "int", "n_elements": "int", "word0": "int",
-         "BLOCK_WORDS": "constexpr"},
+         "n_records": "int", "n_elements": "int", "BLOCK_WORDS": "constexpr"},
         {"BLOCK_WORDS": BLOCK_WORDS},
         extra=({"n_records": 1},)),  # perturb: one record, so a constant trip count
     # Not in the package, but it runs on the GPU in gpu_check.py's kernel check.
