@@ -21,9 +21,7 @@ Layout (the canonical flat order every peer shares):
 The module's parameters are moved into the buffer (their storage, not their identity), so
 training and evaluation go through it; ``views(other)`` maps the same layout onto a scratch
 buffer for a perturbed forward pass with ``torch.func.functional_call`` (see
-``forward_with``). SPSA perturbs without a whole scratch where it can: one module's slice
-at a time, as the module runs (optim/lean.py), the 32-aligned starts making a slice's z
-the whole buffer's.
+``forward_with``).
 """
 
 from __future__ import annotations
@@ -38,8 +36,7 @@ from torch import nn
 ALIGN = 32  # elements; one Philox word supplies 32 signs
 
 
-def align_up(n: int, a: int = ALIGN) -> int:
-    """n rounded up to a multiple of a (a tensor's start, the buffer's end)."""
+def _align_up(n: int, a: int = ALIGN) -> int:
     return (n + a - 1) // a * a
 
 
@@ -73,10 +70,10 @@ class FlatParams:
         self.slices: dict[str, tuple[int, int, torch.Size]] = {}
         cursor = 0
         for name, p in named:
-            offset = align_up(cursor)
+            offset = _align_up(cursor)
             self.slices[name] = (offset, p.numel(), p.shape)
             cursor = offset + p.numel()
-        self.numel = align_up(cursor)
+        self.numel = _align_up(cursor)
         self.n_params = sum(n for _, n, _ in self.slices.values())
         self.buffer = torch.zeros(self.numel, dtype=torch.float32, device=devices.pop())
 
@@ -103,7 +100,7 @@ class FlatParams:
 
     def views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
         """name -> view into ``buf``, a buffer with this layout (e.g. a perturbed scratch)."""
-        self.check(buf)
+        self._check(buf)
         return {name: self.tensor(name, buf) for name in self.slices}
 
     def word_offset(self, name: str) -> int:
@@ -119,7 +116,7 @@ class FlatParams:
     def zero_padding_(self, buf: torch.Tensor | None = None) -> torch.Tensor:
         """Zero the padding of ``buf`` (default: the canonical buffer) after a kernel pass."""
         buf = self.buffer if buf is None else buf
-        self.check(buf)
+        self._check(buf)
         if self.pad_index.numel():
             buf.index_fill_(0, self.pad_index, 0.0)
         return buf
@@ -142,7 +139,7 @@ class FlatParams:
     def swapped(self, buf: torch.Tensor) -> Iterator[None]:
         """Within the block the module reads ``buf`` (for code that calls the module
         directly, e.g. a loss function). Cheap: it swaps the storage the views point at."""
-        self.check(buf)
+        self._check(buf)
         old = self.buffer
         with torch.no_grad():
             for name, p in self.params.items():
@@ -154,8 +151,7 @@ class FlatParams:
                 for name, p in self.params.items():
                     p.set_(self.tensor(name, old))
 
-    def check(self, buf: torch.Tensor) -> None:
-        """ValueError unless ``buf`` has this layout: (numel,) fp32 on our device."""
+    def _check(self, buf: torch.Tensor) -> None:
         if buf.shape != (self.numel,) or buf.dtype != torch.float32 \
                 or buf.device != self.buffer.device:
             raise ValueError(f"expected a ({self.numel},) float32 buffer on "

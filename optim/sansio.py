@@ -141,9 +141,9 @@ class Algorithm(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
     def to_model(self) -> None:
-        """Make the model's weights this replica's current parameters (a deferred inner
-        engine settles; SPSA's model is θ already): for a driver that hands the model to
-        user code between steps (node/api.py)."""
+        """Make the model's weights this replica's current parameters (SPSA's model holds a
+        perturbed scratch copy between steps; a deferred inner engine settles): for a
+        driver that hands the model to user code between steps (node/api.py)."""
         ...
 
     def warm_up(self) -> None:

@@ -20,17 +20,7 @@ Bit-identity rests on three rules:
    the byte scale (from +, ×, / and sqrt only, which IEEE rounds exactly), and the count
    |R_t|; each update rounds once in fp32 (see kernels);
 2. records are applied in canonical order, never arrival order;
-3. the perturbation never touches the canonical θ: ℓ± are measured on perturbed copies.
-
-Memory (issue 12). A step should cost about what inference costs, so θ is the model's own
-weights (FlatParams' buffer) and nothing else holds a copy on the device: each module's
-weights are perturbed just before it runs, into a stack the size of the largest module's
-(optim/lean.py), with the same bits as a whole perturbed copy. Where that cannot be exact
-(a parameter read outside the module that owns it) the passes run on a full scratch copy,
-as they always did (``stats()["memory"]`` says which). The final snapshot below is a
-second θ; when θ is on a GPU it is kept in host memory, where it is written once per final
-step (streamed through the device) and read only by a replay; on the CPU it is a second
-copy in the same memory.
+3. the perturbation never touches the canonical θ: ℓ± are measured on a scratch copy.
 
 Late records. A step closes locally when every expected record is in or the driver's
 deadline passes, so peers can close a step with different record sets. To stay exact, the
@@ -61,14 +51,12 @@ at most η·S/|R_t| along z); the checks make lying a lasting cost.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
 from .flat import FlatParams
 from .kernels import perturb, update_
-from .lean import JustInTime
 from .sansio import EVERYONE, Mailbox, Rejected, Send
 from .seeds import derive_seed
 from .spsa_log import (  # noqa: F401  (re-exported: the record log's names)
@@ -108,24 +96,14 @@ class SPSA(Mailbox):
     """Sans-IO seeded SPSA for one peer (see module docstring and optim/sansio.py)."""
 
     def __init__(self, cfg: SPSAConfig, peer_id: str, job: Job, *,
-                 peers: frozenset[str] = frozenset(), snapshot_on_host: bool | None = None):
-        """``snapshot_on_host``: keep the final snapshot in host memory, its updates
-        computed on θ's device in chunks (None: where θ is on a GPU)."""
+                 peers: frozenset[str] = frozenset()):
         self.cfg = cfg
         self.job, self.model = job, job.model
-        self.flat = FlatParams(job.model)
-        # The canonical θ is the model's weights: a perturbed pass never writes it.
-        self.theta = self.flat.buffer
+        self.flat = FlatParams(job.model)  # the model reads its weights from flat.buffer
+        self.theta = self.flat.buffer.detach().clone()  # canonical θ, never perturbed
         self.numel = self.theta.numel()  # with the flat buffer's padding
         self.pad = self.flat.pad_index
-        self.jit = JustInTime(self.flat)
-        self._scratch: torch.Tensor | None = None  # a full θ ± εz, when the JIT is off
-        # The snapshot is written once per final step and read by replays only: off the
-        # GPU (see the module docstring), its updates computed on the GPU in chunks.
-        on_host = self.theta.is_cuda if snapshot_on_host is None else snapshot_on_host
-        self._via = self.theta.device if on_host else None
-        self._snap_pad = self.pad.cpu() if self._via is not None else self.pad
-        self.snap = Snapshot(-1, self._snap_copy(self.theta))
+        self.snap = Snapshot(-1, self.theta.clone())
         self.records: dict[int, dict[str, int]] = {}  # step -> peer -> q, steps > snap.step
         self.expected: dict[int, frozenset[str]] = {}
         self._init_mailbox(peer_id, peers)
@@ -168,29 +146,14 @@ class SPSA(Mailbox):
         return {"loss": 0.5 * (losses[0] + losses[1]), "g": g, "q": float(q)}
 
     def _losses(self, theta: torch.Tensor, data: Batches, t: int, seed: int) -> list[float]:
-        """ℓ+ and ℓ− of step t on ``data``'s batch, at θ ± εz (θ is not written)."""
+        """ℓ+ and ℓ− of step t on ``data``'s batch, measured on a scratch copy of θ."""
         batch = data.batch(t)
+        losses = []
         with torch.no_grad():
-            return [self._loss_at(theta, batch, seed, sign * self.cfg.eps)
-                    for sign in (1.0, -1.0)]
-
-    def _loss_at(self, theta: torch.Tensor, batch: Any, seed: int, c: float) -> float:
-        """L(θ + c·z(seed)) on ``batch``, module by module (optim/lean.py) or, where that
-        is not exact, on a full perturbed copy: the same bits either way."""
-        if self.jit.on:
-            with self.jit.perturbed(theta, seed, c):
-                loss = self.job.loss(batch).item()
-            if not math.isnan(loss):
-                return loss
-            # A parameter was read outside its owner's forward (or the loss is NaN anyway):
-            # measure this pass again the plain way, and stay there.
-            self.jit.turn_off("a pass read NaN: a parameter is used outside the module "
-                              "that owns it, or the loss is NaN")
-        if self._scratch is None:
-            self._scratch = self.flat.new_scratch()
-        perturb(theta, self._scratch, seed, c)
-        with self.flat.swapped(self._scratch):
-            return self.job.loss(batch).item()
+            for sign in (1.0, -1.0):
+                perturb(theta, self.flat.buffer, seed, sign * self.cfg.eps)
+                losses.append(self.job.loss(batch).item())
+        return losses
 
     def on_timer(self, now: float) -> None:
         if self.deadline is not None and now >= self.deadline:
@@ -198,7 +161,8 @@ class SPSA(Mailbox):
             self._close(self.step)
 
     def evaluate(self) -> float:
-        return self.job.evaluate()  # the model's weights are θ
+        self.to_model()
+        return self.job.evaluate()
 
     def fingerprint(self) -> str:
         return fingerprint_of(self.theta)
@@ -274,8 +238,7 @@ class SPSA(Mailbox):
         second, different byte for a step)."""
         check_spsa_state(state, self.theta.numel())
         held = self.records
-        self.snap = Snapshot(state.snap.step, self._snap_copy(state.snap.theta),
-                             state.snap.g2, dict(state.snap.scales))
+        self.snap = state.snap.copy(self.theta.device)
         self.records = {t: dict(r) for t, r in state.records.items()}
         for t, recs in held.items():
             if t > self.snap.step:
@@ -287,7 +250,8 @@ class SPSA(Mailbox):
         # fold the steps that are final by now into it, as _close would have.
         while self.snap.step < self.closed - self.cfg.finality_steps:
             self._finalize(self.snap.step + 1)
-        self._rebuild(self.closed)
+        self.theta.copy_(replay(self.snap, self.records, self.closed, self.cfg,
+                                self.pad).theta)
         self.expected, self.deadline = {}, None
 
     def state_dict(self) -> dict[str, Any]:
@@ -305,31 +269,19 @@ class SPSA(Mailbox):
             s["closed"], {t: dict(r) for t, r in s["records"].items()}))
 
     def to_model(self) -> None:
-        """Nothing to do: the model's parameters are θ between steps."""
+        self.flat.buffer.copy_(self.theta)
 
     def warm_up(self) -> None:
         """Compile the kernels before announcing ourselves: a first step that spends
-        seconds in torch.compile would make every other peer time the step out. A small
-        buffer does: the graphs are dynamic in size (a θ-sized one would be a peak)."""
-        src = torch.zeros(64 * 32, device=self.theta.device)
-        scratch = torch.empty_like(src)
-        perturb(src, scratch, 1, 0.0, word0=1)
+        seconds in torch.compile would make every other peer time the step out."""
+        scratch = self.theta.clone()
+        perturb(self.theta, scratch, 1, 0.0)
         for records in (1, 2, 4, 8):  # one compiled graph per record-count slot
             update_(scratch, list(range(records)), [0.0] * records)
 
     def stats(self) -> dict:
         return {**self.counts, "closed_step": self.closed, "final_step": self.snap.step,
-                "banned": len(self.banned), "rejects": self.rejects.snapshot(),
-                "memory": self.memory()}
-
-    def memory(self) -> dict:
-        """What the step holds besides θ and the activations, and where."""
-        return {"perturb": "jit" if self.jit.on else "full",
-                "jit_off_reason": self.jit.off_reason,
-                "perturb_bytes": self.jit.nbytes() + (
-                    0 if self._scratch is None else 4 * self._scratch.numel()),
-                "snapshot_device": str(self.snap.theta.device),
-                "snapshot_bytes": 4 * self.snap.theta.numel()}
+                "banned": len(self.banned), "rejects": self.rejects.snapshot()}
 
     # -- internals
     def _accept(self, sender: str, msg: object) -> None:
@@ -352,12 +304,8 @@ class SPSA(Mailbox):
         if msg.step <= self.closed:  # late: rebuild θ as if it had come on time
             self.counts["late_records"] += 1
             if self._sampled(msg.step, msg.peer):
-                # Checked on θ before its step, rebuilt in place: no second θ on the
-                # device. A lie is dropped, with the liar's records of later steps (which
-                # peers that checked it on time never applied): θ without them.
-                self._rebuild(msg.step - 1)
-                if not self._check(self.theta, msg.step, msg.peer):
-                    self._rebuild(self.closed)
+                before = replay(self.snap, self.records, msg.step - 1, self.cfg, self.pad)
+                if not self._check(before.theta, msg.step, msg.peer):
                     return
             self._replay_live()
 
@@ -413,7 +361,7 @@ class SPSA(Mailbox):
     def _finalize(self, t: int) -> None:
         """Fold step t into the snapshot; from now on it accepts no more records."""
         records = self.records.pop(t, {})
-        self.snap.advance_(records, self.cfg, self._snap_pad, via=self._via)
+        self.snap.advance_(records, self.cfg, self.pad)
         self.history[t] = records
         self.history.pop(t - HISTORY_STEPS, None)
 
@@ -426,20 +374,7 @@ class SPSA(Mailbox):
 
     def _replay_live(self) -> None:
         self.counts["replays"] += 1
-        self._rebuild(self.closed)
-
-    def _rebuild(self, to_step: int) -> None:
-        """θ ← the snapshot and the records of steps after it up to ``to_step``: the same
-        bits as ``replay``, on θ's own storage and device."""
         self.theta.copy_(self.snap.theta)
-        for s in range(self.snap.step + 1, to_step + 1):
+        for s in range(self.snap.step + 1, self.closed + 1):
             apply_step_(self.theta, s, self.records.get(s, {}), self.scale(s), self.cfg,
                         self.pad)
-
-    def _snap_copy(self, theta: torch.Tensor) -> torch.Tensor:
-        """A copy of θ for the snapshot: on θ's device, or in host memory (pinned, for
-        the copies to and from a GPU)."""
-        if self._via is None:
-            return theta.to(self.theta.device, copy=True)
-        out = torch.empty(theta.shape, dtype=theta.dtype, pin_memory=self.theta.is_cuda)
-        return out.copy_(theta)

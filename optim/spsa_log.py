@@ -59,13 +59,11 @@ class Snapshot:
         return Snapshot(self.step, theta, self.g2, dict(self.scales))
 
     def advance_(self, records: dict[str, int], cfg: SPSAConfig,
-                 pad: torch.Tensor | None = None, *,
-                 via: torch.device | None = None) -> None:
-        """Fold step ``self.step + 1`` with these records in; it is final from now on.
-        ``via``: compute on that device, θ staying where it is (``apply_step_``)."""
+                 pad: torch.Tensor | None = None) -> None:
+        """Fold step ``self.step + 1`` with these records in; it is final from now on."""
         t = self.step + 1
         scale = self.scale(t, cfg)
-        apply_step_(self.theta, t, records, scale, cfg, pad, via=via)
+        apply_step_(self.theta, t, records, scale, cfg, pad)
         self.g2 = next_g2_average(self.g2, records, scale, cfg)
         self.step = t
         self.scales[t + 1 + cfg.finality_steps] = scale_from_average(self.g2, cfg)

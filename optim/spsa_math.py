@@ -94,22 +94,12 @@ def step_coefficients(step: int, records: dict[str, int], scale: float,
 
 
 def apply_step_(theta: torch.Tensor, step: int, records: dict[str, int], scale: float,
-                cfg: SPSAConfig, pad: torch.Tensor | None = None, *,
-                via: torch.device | None = None) -> None:
+                cfg: SPSAConfig, pad: torch.Tensor | None = None) -> None:
     """θ ← θ·(1 − ηλ) − Σ_r η·ĝ_r·z_r/|R_t|, one fused pass for the records.
 
-    ``pad`` (FlatParams.pad_index, on θ's device) is zeroed again afterwards: the kernel
-    runs over the whole flat buffer, and keeping the padding zero makes θ's bytes a
-    function of the parameter values alone.
-
-    ``via``: a device to compute on when θ lives elsewhere (SPSA keeps its final snapshot
-    in host memory when θ is on a GPU). θ travels there and back in 32-aligned chunks of
-    ``STREAM_CHUNK`` elements; a chunk from element o draws z's words from o/32 on, and
-    each element's update is its own fp32 operations, so the bits are the whole-buffer
-    update's (the kernels agree bit for bit across devices)."""
-    if via is not None:
-        _apply_step_via_(theta, step, records, scale, cfg, pad, torch.device(via))
-        return
+    ``pad`` (FlatParams.pad_index) is zeroed again afterwards: the kernel runs over the
+    whole flat buffer, and keeping the padding zero makes θ's bytes a function of the
+    parameter values alone."""
     if cfg.weight_decay > 0:
         theta.mul_(1.0 - learning_rate(step, cfg) * cfg.weight_decay)
     if records:
@@ -117,27 +107,6 @@ def apply_step_(theta: torch.Tensor, step: int, records: dict[str, int], scale: 
         update_(theta, seeds, coeffs)
         if pad is not None and pad.numel():
             theta.index_fill_(0, pad, 0.0)
-
-
-STREAM_CHUNK = 1 << 24  # elements (64 MiB of fp32) of a host θ on the device at once
-
-
-def _apply_step_via_(theta: torch.Tensor, step: int, records: dict[str, int], scale: float,
-                     cfg: SPSAConfig, pad: torch.Tensor | None, via: torch.device) -> None:
-    decay = cfg.weight_decay > 0
-    if not (decay or records):
-        return
-    seeds, coeffs = step_coefficients(step, records, scale, cfg) if records else ([], [])
-    for a in range(0, theta.numel(), STREAM_CHUNK):
-        part = theta[a:a + STREAM_CHUNK]  # (≤ STREAM_CHUNK,) a multiple of 32 from a
-        chunk = part.to(via)
-        if decay:
-            chunk.mul_(1.0 - learning_rate(step, cfg) * cfg.weight_decay)
-        if records:
-            update_(chunk, seeds, coeffs, word0=a // 32)
-        part.copy_(chunk)
-    if records and pad is not None and pad.numel():
-        theta.index_fill_(0, pad.to(theta.device), 0.0)
 
 
 def next_g2_average(v: float | None, records: dict[str, int], scale: float,

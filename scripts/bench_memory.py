@@ -22,19 +22,6 @@ The three modes, each built through the project's own code from one ``load_workl
 Each measurement runs in a fresh process (the script calls itself with ``--one MODE``):
 a process's peak only goes up, so modes measured in one process would see each other's.
 
-What SPSA holds (medium, batch 32, CPU)
----------------------------------------
-θ is the model's own weights (optim/flat.py): the two perturbed passes make each module's
-weights just before it runs (optim/lean.py), so the step's own extra is a stack of one
-module's weights and a NaN buffer of one tensor (19 MB here, 8% of θ). What is left is the
-final snapshot, the second θ that late records are replayed from: on the CPU it sits in
-the same memory, so ``spsa_over_inference`` is about 1 + weights / inference: measured
-1.42 (835 MB above baseline against inference's 587 MB), down from 1.78 when a perturbed
-scratch copy of θ came on top (issue 12). On CUDA the snapshot is kept in host memory,
-outside ``max_memory_allocated``, which leaves the stack. A model that reads a parameter
-outside the module owning it gets the full scratch again (SPSA's ``stats()["memory"]``
-says which it runs on).
-
 What counts, and the baseline
 -----------------------------
 Every mode's window starts after the same setup: ``import torch`` and byteswarm, the corpus

@@ -86,11 +86,9 @@ def _reference_segment(src: torch.Tensor, dst: torch.Tensor, word0: int,
 # ---------------------------------------------------------------------------------------
 
 
-def _words(theta2d: torch.Tensor, w0: torch.Tensor, k0: torch.Tensor,
-           k1: torch.Tensor) -> torch.Tensor:
-    """theta2d (W, 32) is only read for W; w0 () int64, the word of row 0; k0, k1 (R, 1)
-    int64 -> words (R, W) int32."""
-    w = w0 + torch.arange(theta2d.shape[0], dtype=torch.int64, device=theta2d.device)  # (W,)
+def _words(theta2d: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor) -> torch.Tensor:
+    """theta2d (W, 32) is only read for W; k0, k1 (R, 1) int64 -> words (R, W) int32."""
+    w = torch.arange(theta2d.shape[0], dtype=torch.int64, device=theta2d.device)  # (W,)
     # (R, W) int64 in [0, 2^32); to int32 keeps the low 32 bits, as tl.randint returns them
     return philox_rounds(w & M32, (w >> 32) & M32, k0, k1).to(torch.int32)
 
@@ -101,15 +99,15 @@ def _bits(word_row: torch.Tensor) -> torch.Tensor:
     return ((word_row.unsqueeze(1) >> shifts) & 1).bool()
 
 
-def _perturb_graph(theta2d: torch.Tensor, out2d: torch.Tensor, w0: torch.Tensor,
-                   k0: torch.Tensor, k1: torch.Tensor, c: torch.Tensor) -> None:
+def _perturb_graph(theta2d: torch.Tensor, out2d: torch.Tensor, k0: torch.Tensor,
+                   k1: torch.Tensor, c: torch.Tensor) -> None:
     """out2d = theta2d + where(bit, c, -c); theta2d, out2d (W, 32) fp32; k0, k1 (1, 1)."""
-    words = _words(theta2d, w0, k0, k1)  # (1, W)
+    words = _words(theta2d, k0, k1)  # (1, W)
     out2d.copy_(theta2d + torch.where(_bits(words[0]), c, -c))
 
 
-def _update_graph(theta2d: torch.Tensor, w0: torch.Tensor, k0: torch.Tensor,
-                  k1: torch.Tensor, cp: torch.Tensor, cm: torch.Tensor) -> None:
+def _update_graph(theta2d: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor,
+                  cp: torch.Tensor, cm: torch.Tensor) -> None:
     """theta2d += K records in order; k0, k1 (K, 1) int64 keys; cp, cm (K,) fp32.
 
     A record adds cp[r] where its bit is 1 and cm[r] where it is 0; for a real record
@@ -118,7 +116,7 @@ def _update_graph(theta2d: torch.Tensor, w0: torch.Tensor, k0: torch.Tensor,
     K is static (one graph per slot count): with it dynamic, inductor emitted a
     single-threaded Philox loop, 1.7x slower per record.
     """
-    words = _words(theta2d, w0, k0, k1)  # (K, W)
+    words = _words(theta2d, k0, k1)  # (K, W)
     x = theta2d
     for r in range(words.shape[0]):  # unrolled: one fp32 rounding per record
         x = x + torch.where(_bits(words[r]), cp[r], cm[r])
@@ -165,13 +163,7 @@ def _keys(seeds: Sequence[int], device: torch.device) -> tuple[torch.Tensor, tor
     return k0, k1
 
 
-def _word0(w0: int, device: torch.device) -> torch.Tensor:
-    """The first word as a 0-d int64 tensor: a new slice is new data, not a new graph."""
-    return torch.tensor(w0, dtype=torch.int64, device=device)
-
-
-def _perturb_compiled(flat: torch.Tensor, out: torch.Tensor, seed: int, c: float,
-                      word0: int) -> None:
+def _perturb_compiled(flat: torch.Tensor, out: torch.Tensor, seed: int, c: float) -> None:
     n_words = flat.numel() // 32  # whole words go through the graph; a tail goes eager
     bulk = 32 * n_words
     # W = 0 or 1 would be a graph of its own (dynamo specialises sizes 0 and 1).
@@ -184,26 +176,23 @@ def _perturb_compiled(flat: torch.Tensor, out: torch.Tensor, seed: int, c: float
             torch._dynamo.maybe_mark_dynamic(t2, 0)
             torch._dynamo.maybe_mark_dynamic(o2, 0)
             k0, k1 = _keys([seed], flat.device)
-            fns.perturb(t2, o2, _word0(word0, flat.device), k0, k1,
-                        torch.tensor(_f32(c), device=flat.device))
+            fns.perturb(t2, o2, k0, k1, torch.tensor(_f32(c), device=flat.device))
         except Exception as err:  # a missing or broken compiler: nothing was written yet
             _give_up(err)
             fns = None
     if fns is None:
         bulk = 0
     if bulk < flat.numel():
-        _reference_segment(flat[bulk:], out[bulk:], word0 + bulk // 32, [seed], [c])
+        _reference_segment(flat[bulk:], out[bulk:], bulk // 32, [seed], [c])
 
 
-def _update_compiled(flat: torch.Tensor, seeds: Sequence[int], coeffs: Sequence[float],
-                     word0: int) -> None:
+def _update_compiled(flat: torch.Tensor, seeds: Sequence[int], coeffs: Sequence[float]) -> None:
     n_words = flat.numel() // 32
     bulk = 32 * n_words
     done = 0  # records already applied to the bulk
     fns = _get_compiled() if n_words >= 2 else None
     t2 = flat[:bulk].view(n_words, 32)
     torch._dynamo.maybe_mark_dynamic(t2, 0)
-    w0 = _word0(word0, flat.device)
     while fns is not None and done < len(seeds):
         s = list(seeds[done:done + _SLOTS[-1]])
         c = [_f32(x) for x in coeffs[done:done + _SLOTS[-1]]]
@@ -215,15 +204,15 @@ def _update_compiled(flat: torch.Tensor, seeds: Sequence[int], coeffs: Sequence[
         cm = torch.tensor([-x for x in c] + [-0.0] * pad, dtype=torch.float32,
                           device=flat.device)
         try:
-            fns.update(t2, w0, k0, k1, cp, cm)
+            fns.update(t2, k0, k1, cp, cm)
         except Exception as err:  # compile failure happens before the graph writes θ
             _give_up(err)
             break
         done += len(s)
     if done < len(seeds):
-        _reference_segment(t2.view(-1), t2.view(-1), word0, seeds[done:], coeffs[done:])
+        _reference_segment(t2.view(-1), t2.view(-1), 0, seeds[done:], coeffs[done:])
     if bulk < flat.numel():
-        _reference_segment(flat[bulk:], flat[bulk:], word0 + n_words, seeds, coeffs)
+        _reference_segment(flat[bulk:], flat[bulk:], n_words, seeds, coeffs)
 
 
 # ---------------------------------------------------------------------------------------
@@ -253,22 +242,13 @@ def _flat(t: torch.Tensor, what: str) -> torch.Tensor:
     return t.view(-1)
 
 
-def _check_word0(word0: int, n: int) -> None:
-    # Word offsets are 64-bit counters (the Triton kernel's are int32: it checks its own).
-    if not (0 <= word0 and word0 + (n + 31) // 32 <= 1 << 63):
-        raise ValueError(f"word0 {word0} is not a word offset for {n} elements")
-
-
 def perturb(theta: torch.Tensor, out: torch.Tensor, seed: int, c: float, *,
-            impl: str = "auto", word0: int = 0) -> torch.Tensor:
+            impl: str = "auto") -> torch.Tensor:
     """out = θ + fp32(c)·z(seed), one fp32 rounding per element; θ is untouched.
 
     theta, out: same-shape contiguous float32 tensors, not the same memory (out is the
     scratch buffer the perturbed forward pass reads). Element j uses bit j%32 of
-    ``philox(seed, word0 + j//32)``: with ``word0`` = o/32, ``theta`` may be the slice of a
-    flat buffer from element o (a multiple of 32) on, and ``out`` gets exactly the values
-    the whole-buffer call writes there (optim/lean.py perturbs one module at a time so).
-    Returns out.
+    ``philox(seed, j//32)``. Returns out.
     """
     src, dst = _flat(theta, "theta"), _flat(out, "out")
     if dst.shape != src.shape or dst.device != src.device:
@@ -276,43 +256,40 @@ def perturb(theta: torch.Tensor, out: torch.Tensor, seed: int, c: float, *,
                          f"{tuple(theta.shape)} on {theta.device}")
     if dst.numel() and dst.data_ptr() == src.data_ptr():
         raise ValueError("out must not be theta; use update_ for an in-place change")
-    _check_word0(word0, src.numel())
     how = _pick(impl, theta)
     with torch.no_grad():
         if how == "reference":
-            _reference_segment(src, dst, word0, [seed], [c])
+            _reference_segment(src, dst, 0, [seed], [c])
         elif how == "compiled":
-            _perturb_compiled(src, dst, seed, c, word0)
+            _perturb_compiled(src, dst, seed, c)
         else:
             from .rademacher_triton import apply_triton
 
-            apply_triton(src, dst, [seed], [_f32(c)], word0)
+            apply_triton(src, dst, [seed], [_f32(c)])
     return out
 
 
 def update_(theta: torch.Tensor, seeds: Sequence[int], coeffs: Sequence[float], *,
-            impl: str = "auto", word0: int = 0) -> torch.Tensor:
+            impl: str = "auto") -> torch.Tensor:
     """θ ← θ + Σ_r fp32(c_r)·z(s_r) in place, records added in the given order.
 
     Bit-identical to calling it once per record in that order (each addition rounds once
     in fp32). One pass over θ for up to 8 records on the compiled path, one pass for any
-    number on Triton. ``word0`` as in ``perturb``: θ may be a 32-aligned slice of a flat
-    buffer (spsa_math streams a host snapshot through the GPU so). Returns theta.
+    number on Triton. Returns theta.
     """
     if len(seeds) != len(coeffs):
         raise ValueError(f"{len(seeds)} seeds but {len(coeffs)} coefficients")
     flat = _flat(theta, "theta")
     if not len(seeds):
         return theta
-    _check_word0(word0, flat.numel())
     how = _pick(impl, theta)
     with torch.no_grad():
         if how == "reference":
-            _reference_segment(flat, flat, word0, seeds, coeffs)
+            _reference_segment(flat, flat, 0, seeds, coeffs)
         elif how == "compiled":
-            _update_compiled(flat, seeds, coeffs, word0)
+            _update_compiled(flat, seeds, coeffs)
         else:
             from .rademacher_triton import apply_triton
 
-            apply_triton(flat, flat, list(seeds), [_f32(c) for c in coeffs], word0)
+            apply_triton(flat, flat, list(seeds), [_f32(c) for c in coeffs])
     return theta

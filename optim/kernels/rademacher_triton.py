@@ -11,8 +11,6 @@ was first imported (that is how the tests run it).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -24,15 +22,10 @@ from ..philox import seed_as_int64
 BLOCK_WORDS = 32
 
 
-# word0 changes from one module's slice to the next: specialising on it (== 1, % 16)
-# would compile the kernel up to three times during a step.
-@triton.jit(do_not_specialize=["word0"])
-def _rademacher_kernel(src_ptr, dst_ptr, seeds_ptr, coeffs_ptr, n_records, n_elements, word0,
+@triton.jit
+def _rademacher_kernel(src_ptr, dst_ptr, seeds_ptr, coeffs_ptr, n_records, n_elements,
                        BLOCK_WORDS: tl.constexpr):
     """dst = src + Σ_r where(bit_r, c_r, −c_r) over one block of BLOCK_WORDS × 32 elements.
-
-    Element i of src is element 32·word0 + i of the flat buffer: it uses bit i % 32 of word
-    word0 + i // 32 (src is a 32-aligned slice, or the whole buffer with word0 = 0).
 
     seeds_ptr: (R,) int64, each seed's 64 bits in two's complement (tl.randint widens the
     seed to uint64 and splits it into the Philox key, low word first). coeffs_ptr: (R,)
@@ -47,41 +40,29 @@ def _rademacher_kernel(src_ptr, dst_ptr, seeds_ptr, coeffs_ptr, n_records, n_ele
     for r in range(n_records):
         seed = tl.load(seeds_ptr + r)
         c = tl.load(coeffs_ptr + r)
-        rnd = tl.randint(seed, words + word0)  # (BW,) int32, bit-identical to philox_words
+        rnd = tl.randint(seed, words)  # (BW,) int32, bit-identical to philox_words
         z_pos = ((rnd[:, None] >> bits[None, :]) & 1) != 0  # (BW, 32) True where z = +1
         x = x + tl.where(z_pos, c, -c)  # a plain add: no multiply, so nothing to fuse (FMA)
     tl.store(dst_ptr + idx, x, mask=mask)
 
 
-@functools.lru_cache(maxsize=16)
-def _records(device: torch.device, seeds: tuple[int, ...],
-             coeffs: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(R,) int64 seeds (two's complement) and (R,) fp32 coefficients on ``device``, read
-    only by the kernel. Cached: a pass perturbs module by module (optim/lean.py) with one
-    seed and coefficient, and a copy from pageable host memory waits for the GPU, so one
-    per module would drain the queue of kernels before each module. The coefficients come
-    as ``float.hex()``: 0.0 == -0.0 as keys, but they are different records' bits."""
-    return (torch.tensor([seed_as_int64(s) for s in seeds], dtype=torch.int64, device=device),
-            torch.tensor([float.fromhex(c) for c in coeffs], dtype=torch.float32,
-                         device=device))
-
-
 def apply_triton(src: torch.Tensor, dst: torch.Tensor, seeds: list[int],
-                 coeffs: list[float], word0: int = 0) -> None:
-    """dst = src + Σ_r c_r·z(seed_r) for flat fp32 tensors; dst may be src (in place);
-    src's element 0 uses word ``word0`` (see ``rademacher.perturb``).
+                 coeffs: list[float]) -> None:
+    """dst = src + Σ_r c_r·z(seed_r) for flat fp32 tensors; dst may be src (in place).
 
     coeffs must already be fp32 values (``rademacher._f32``); they are stored as fp32.
     """
     n = src.numel()
     n_words = (n + 31) // 32
-    if word0 + n_words >= 2**31:  # word offsets are int32 in the kernel
+    if n_words >= 2**31:  # word offsets are int32 in the kernel
         raise ValueError(f"{n} elements is beyond the Triton kernel's int32 word offsets")
     if n == 0 or not seeds:
         if dst.data_ptr() != src.data_ptr():
             dst.copy_(src)
         return
-    seeds_t, coeffs_t = _records(src.device, tuple(seeds), tuple(c.hex() for c in coeffs))
+    seeds_t = torch.tensor([seed_as_int64(s) for s in seeds], dtype=torch.int64,
+                           device=src.device)  # (R,)
+    coeffs_t = torch.tensor(coeffs, dtype=torch.float32, device=src.device)  # (R,)
     grid = (triton.cdiv(n_words, BLOCK_WORDS),)
-    _rademacher_kernel[grid](src, dst, seeds_t, coeffs_t, len(seeds), n, word0,
+    _rademacher_kernel[grid](src, dst, seeds_t, coeffs_t, len(seeds), n,
                              BLOCK_WORDS=BLOCK_WORDS)
