@@ -74,7 +74,7 @@ KERNELS = {
         {"BLOCK_WORDS": BLOCK_WORDS},
         extra=({"n_records": 1},)),  # perturb: one record, so a constant trip count
     # Not in the package, but it runs on the GPU in gpu_check.py's kernel check.
-    "scripts/gpu_check.py:_randint_body": Kernel(
+    "scripts/gpu_kernels.py:_randint_body": Kernel(
         {"out_ptr": "*i32", "offs_ptr": "*i64", "seed_ptr": "*i64", "n": "int",
          "BLOCK": "constexpr"},
         {"BLOCK": 1024}, jit_here=True),  # kernel_philox launches it with BLOCK=1024
