@@ -178,20 +178,19 @@ class _UserSteps:
 
     def __init__(self, loop: InnerLoop, handoff: Handoff):
         self.loop, self.handoff = loop, handoff
-        self.step_count = 0
+
+    @property
+    def step_count(self) -> int:  # the loop's: its learning-rate schedule counts them
+        return self.loop.step_count
+
+    @step_count.setter
+    def step_count(self, n: int) -> None:  # a checkpoint restores it
+        self.loop.step_count = n
 
     def step(self) -> dict[str, float]:
         loss = self.handoff.take()
-        lp = self.loop
-        lr = lp.lr_at(self.step_count)
-        for group in lp.opt.param_groups:
-            group["lr"] = lr
-        if lp.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(lp.model.parameters(), lp.grad_clip)
-        lp.opt.step()
-        lp.opt.zero_grad(set_to_none=True)
-        self.step_count += 1
-        lp.step_count = self.step_count  # checkpoints read the loop's count
+        lr = self.loop.apply_grads()
+        self.loop.opt.zero_grad(set_to_none=True)
         return {"loss": loss, "lr": lr}
 
     def settle(self) -> None:

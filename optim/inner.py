@@ -119,18 +119,23 @@ class InnerLoop:
         return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * frac))
 
     def step(self) -> dict[str, float]:
-        t = self.step_count
-        lr = self.lr_at(t)
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-        loss = self.job.loss(self.job.data.batch(t))
+        loss = self.job.loss(self.job.data.batch(self.step_count))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        return {"loss": loss.item(), "lr": self.apply_grads()}
+
+    def apply_grads(self) -> float:
+        """One AdamW update from the gradients on the parameters, at the scheduled
+        learning rate, clipped; returns the rate. (node/api.py calls it after the user's
+        own backward.)"""
+        lr = self.lr_at(self.step_count)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
         if self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.opt.step()
         self.step_count += 1
-        return {"loss": loss.item(), "lr": lr}
+        return lr
 
     def settle(self) -> None:
         """Nothing to do: every step has run when ``step()`` returns."""
