@@ -37,7 +37,7 @@ from byteswarm.optim.data import DataConfig
 from byteswarm.optim.files import MetricsLog, load_checkpoint, save_checkpoint, save_json
 from byteswarm.optim.model import ModelConfig
 from byteswarm.optim.task import TaskConfig
-from byteswarm.optim.workload import ALGOS, make_task, read_weights
+from byteswarm.optim.workload import ALGOS, WithWeights, make_task, read_weights
 from byteswarm.protocols import state as P
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -174,7 +174,7 @@ async def serve(node: NodeConfig, kcfg: TaskConfig, mcfg: ModelConfig, dcfg: Dat
     w = await loop.run_in_executor(None, make_task, kcfg, mcfg, dcfg, node.seed)
     if public is not None and public.weights is not None:
         init = await loop.run_in_executor(None, read_weights, public.weights, w.build())
-        w = await loop.run_in_executor(None, make_task, kcfg, mcfg, dcfg, node.seed, init)
+        w = WithWeights(w, init)
         say(f"initial weights from {public.weights} (sha256 checked)")
     shard = node.shard if node.shard >= 0 else A.shard_index(peer_id, node.num_shards)
     algo = A.make_algorithm(node.algo, acfg, peer_id, shard, node.num_shards, w,
