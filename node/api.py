@@ -258,7 +258,7 @@ class Optimizer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.stopped: str | None = None
         self._dht = start_dht(self.node, str(key_path))  # in this thread: it forks
-        start_reaper()
+        start_reaper(self._dht)
         self.maddrs = [str(m) for m in self._dht.get_visible_maddrs()]
         for maddr in self.maddrs if not quiet else ():
             say(f"listening on {maddr}")

@@ -138,7 +138,7 @@ def launch(node: NodeConfig, out: Path, configure: Configure, *, fresh: bool,
         signal.signal(s, lambda signum, _f: pending.append(signum))
     # Fork the DHT process before torch starts threads of its own.
     dht = start_dht(node, str(key_path))
-    start_reaper()  # p2pd and the DHT process die with us, even after a kill -9
+    start_reaper(dht)  # p2pd and the DHT process die with us, even after a kill -9
     try:
         if pending:
             return 128 + pending[0]

@@ -2,25 +2,25 @@
 
 hivemind leaves both running when the main process dies by a signal, so the node stops
 them itself: a polite DHT shutdown (which stops p2pd), then SIGTERM and SIGKILL for any
-descendant that outlived it. The list of descendants is read from /proc *before* the
+process of the DHT's tree that outlived it. The tree is read from /proc *before* the
 shutdown, because a p2pd whose parent died is re-parented and no longer looks like ours;
 each is listed with its start time, so a pid that was recycled in the meantime is not
 signalled (node/reaper.py).
 
 A node killed with SIGKILL runs none of that, so ``start_reaper`` (called once the DHT is
-up) launches a small watcher process that does it instead when the node is gone.
+up) launches a small watcher process that does it instead when the node is gone. Both act
+on the DHT's own process tree only, never on the host process's other children.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import subprocess
 
 from hivemind import DHT
 
 from .dhtrecords import SwarmRecords
-from .reaper import Proc, alive, descendants, terminate
+from .reaper import Proc, alive, descendants, identify, terminate
 from .reaper import start as launch_reaper
 from .settings import NodeConfig
 
@@ -39,38 +39,44 @@ def start_dht(node: NodeConfig, identity_path: str) -> DHT:
                client_mode=node.client_mode, **kwargs)
 
 
-_reaper: subprocess.Popen | None = None  # this process's reaper, once started
+_reapers: dict[int, subprocess.Popen] = {}  # DHT pid -> the reaper that guards its tree
 
 
-def start_reaper() -> None:
-    """Make sure our helpers die with us, even by SIGKILL: launch a reaper process (once)
-    that stops them when this process is gone. Call it after start_dht, so the DHT
-    process and its p2pd are known to the reaper from its first moment."""
-    global _reaper
-    if _reaper is None or _reaper.poll() is not None:
-        _reaper = launch_reaper()
+def dht_tree(dht: DHT) -> list[Proc]:
+    """The DHT process and everything under it (p2pd), parents first: the only processes
+    the node stops. Nothing else of the host process's is touched: a node embedded in a
+    user's program (byteswarm.Optimizer), or in pytest, leaves their other children be
+    (torch's shared-memory manager among them, which hivemind's futures need)."""
+    pid = getattr(dht, "pid", None)
+    root = identify(pid) if pid else None
+    return [root, *descendants(pid)] if root is not None else []
+
+
+def start_reaper(dht: DHT) -> None:
+    """Make sure ``dht``'s process and its p2pd die with us, even by SIGKILL: launch a
+    reaper process (once per DHT) that stops that tree when this process is gone. Call it
+    right after start_dht, so both are known to the reaper from its first moment."""
+    old = _reapers.get(dht.pid)
+    if old is None or old.poll() is not None:
+        _reapers[dht.pid] = launch_reaper(dht_tree(dht))
 
 
 def stop_dht(dht: DHT, grace: float = 3.0) -> None:
-    """Shut the DHT down politely, then stop any helper that outlived it; the reaper last,
-    so that a kill during this still leaves it to finish the job."""
-    watcher = _reaper.pid if _reaper is not None else None
-    helpers: list[Proc] = [p for p in descendants(os.getpid()) if p.pid != watcher]
+    """Shut the DHT down politely, then stop any of its tree that outlived it; the reaper
+    last, so that a kill during this still leaves it to finish the job."""
+    helpers = dht_tree(dht)
     with contextlib.suppress(Exception):
         dht.shutdown()
     terminate([p for p in helpers if alive(p)], grace)
-    _stop_reaper(grace)
-    with contextlib.suppress(ChildProcessError):
-        while os.waitpid(-1, os.WNOHANG)[0] > 0:  # reap what was ours
-            pass
+    _stop_reaper(_reapers.pop(getattr(dht, "pid", None), None), grace)
+    with contextlib.suppress(Exception):
+        dht.join(grace)  # reap the DHT process (ours); p2pd was its child, not ours
 
 
-def _stop_reaper(grace: float) -> None:
-    global _reaper
-    if _reaper is None:
+def _stop_reaper(reaper: subprocess.Popen | None, grace: float) -> None:
+    if reaper is None:
         return
     with contextlib.suppress(ProcessLookupError):
-        _reaper.terminate()
+        reaper.terminate()
     with contextlib.suppress(subprocess.TimeoutExpired):
-        _reaper.wait(grace)
-    _reaper = None
+        reaper.wait(grace)

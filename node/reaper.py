@@ -15,9 +15,10 @@ PR_SET_PDEATHSIG in the DHT process (it would take the DHT down, but the setting
 cleared on fork, so p2pd would still be orphaned) nor a process group (a shell puts the
 node in a job with `tee` and friends) is a good fit. Instead ``start`` launches this file
 as a small separate interpreter that only watches: while ``getppid()`` is the node, it
-lists the node's descendants every few seconds; when the node is gone (re-parenting
-changes ``getppid()``; pid reuse cannot fool it), it stops those it knew and anything they
-started since, SIGTERM then SIGKILL. It imports only the standard library, so it starts in
+lists every few seconds the processes it guards (the DHT's tree, never the node's other
+children: in a user's program, or in pytest, those are theirs) and what runs under them;
+when the node is gone (re-parenting changes ``getppid()``; pid reuse cannot fool it), it
+stops those, SIGTERM then SIGKILL. It imports only the standard library, so it starts in
 tens of milliseconds and costs a few MB. It ignores SIGINT: a Ctrl-C in a terminal reaches
 the whole foreground group, and stopping the helpers is then the node's own job.
 """
@@ -124,11 +125,10 @@ def terminate(procs: list[Proc], grace: float = 3.0) -> list[Proc]:
 # --- the reaper process ----------------------------------------------------------------
 
 
-def start(known: list[Proc] | None = None, *, relist: float = 5.0) -> subprocess.Popen:
-    """Launch a reaper for this process. ``known``: helpers it should stop even if this
-    process dies before the reaper's first look (default: our descendants now);
+def start(known: list[Proc], *, relist: float = 5.0) -> subprocess.Popen:
+    """Launch a reaper for this process that guards ``known`` (a helper and its tree, say
+    the DHT process and p2pd) and whatever those start later; nothing else of ours.
     ``relist``: see ``watch``."""
-    known = descendants(os.getpid()) if known is None else known
     args = [str(relist), *(f"{p.pid}:{p.start}" for p in known)]
     # -I -S: only the standard library, none of the node's environment; stdout closed so a
     # reader of the node's output is not kept waiting; stderr kept for a traceback.
@@ -136,25 +136,29 @@ def start(known: list[Proc] | None = None, *, relist: float = 5.0) -> subprocess
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
 
 
+def _grown(known: list[Proc]) -> list[Proc]:
+    """Those of ``known`` still alive, then whatever runs under them now."""
+    roots = [p for p in known if alive(p)]
+    return roots + [p for p in descendants(*(p.pid for p in roots)) if p not in roots]
+
+
 def watch(parent: int, known: list[Proc], *, period: float = 0.1, relist: float = 5.0,
           grace: float = 3.0) -> None:
-    """Until ``parent`` dies, keep a list of its descendants; then stop them.
+    """Until ``parent`` dies, keep the list of ``known`` and what runs under them; then
+    stop them.
 
     ``period``: how soon after the parent's death we act. ``relist``: how often to read
     all of /proc (a few ms each time) for helpers started since; those started under a
     helper we already know are found at the end anyway."""
-    me = os.getpid()
     next_list = time.monotonic() + relist
     while os.getppid() == parent:
         if time.monotonic() >= next_list:
-            known = [p for p in descendants(parent) if p.pid != me]
+            known = _grown(known)
             next_list = time.monotonic() + relist
         time.sleep(period)
     # The parent is gone. Whatever it knew of that still runs, and anything those started
     # since the last look (listed now, while they are still their parents' children).
-    roots = [p for p in known if alive(p)]
-    extra = [p for p in descendants(*(p.pid for p in roots)) if p not in roots]
-    terminate(roots + extra, grace)
+    terminate(_grown(known), grace)
 
 
 def main(argv: list[str]) -> int:

@@ -64,30 +64,38 @@ def test_descendants_finds_grandchildren_with_their_start_times():
 
 
 class _NoDHT:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
     def shutdown(self) -> None:
+        pass
+
+    def join(self, timeout: float) -> None:
         pass
 
 
 def test_stop_dht_skips_a_pid_recycled_since_it_was_listed(sleeper, monkeypatch):
     real = identify(sleeper.pid)
-    # stop_dht lists descendants, shuts the DHT down, then signals what is left: here the
-    # listed process is gone and its pid now runs a stranger (our sleeper).
-    monkeypatch.setattr(procs, "descendants", lambda pid: [Proc(real.pid, real.start - 1)])
-    procs.stop_dht(_NoDHT(), grace=0.2)
+    # stop_dht lists the DHT's tree, shuts the DHT down, then signals what is left: here
+    # the listed process is gone and its pid now runs a stranger (our sleeper).
+    monkeypatch.setattr(procs, "identify", lambda pid: Proc(real.pid, real.start - 1))
+    procs.stop_dht(_NoDHT(real.pid), grace=0.2)
     assert sleeper.poll() is None and alive(real)
-    monkeypatch.setattr(procs, "descendants", lambda pid: [real])
-    procs.stop_dht(_NoDHT(), grace=5)
-    assert not alive(real)  # (stop_dht also reaped it: sleeper.wait() has no status)
+    monkeypatch.setattr(procs, "identify", lambda pid: real)
+    procs.stop_dht(_NoDHT(real.pid), grace=5)
+    assert not alive(real)
 
 
 PARENT = """
 import subprocess, sys, time
 from byteswarm.node import reaper
-before = subprocess.Popen(["sleep", "60"])  # a helper the reaper is told about at start
-reaper.start(relist=0.3)
-after = subprocess.Popen(["sh", "-c", "sleep 60 & wait"])  # one it finds by looking again
-time.sleep(1)
-print(before.pid, after.pid, flush=True)
+from byteswarm.node.reaper import identify
+bystander = subprocess.Popen(["sleep", "60"])  # the host's own child: not the reaper's
+# A helper the reaper is told about at start, and under it one it finds by looking again.
+helper = subprocess.Popen(["sh", "-c", "sleep 0.5; sleep 60 & wait"])
+reaper.start([identify(helper.pid)], relist=0.3)
+time.sleep(1.5)
+print(bystander.pid, helper.pid, flush=True)
 time.sleep(60)
 """
 
@@ -96,15 +104,35 @@ def test_the_reaper_stops_the_helpers_of_a_parent_killed_with_sigkill():
     parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE,
                               text=True, start_new_session=True)
     try:
-        parent.stdout.readline()
-        helpers = descendants(parent.pid)
-        watchers = [p for p in helpers if "reaper.py" in _cmdline(p.pid)]
-        assert len(watchers) == 1 and len(helpers) == 4  # sleep, reaper, sh and its sleep
+        bystander, helper = map(int, parent.stdout.readline().split())
+        everything = descendants(parent.pid)
+        watchers = [p for p in everything if "reaper.py" in _cmdline(p.pid)]
+        helpers = [identify(helper), *descendants(helper)]
+        assert len(watchers) == 1 and len(helpers) == 2  # sh, and the sleep it started late
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait(5)
-        assert _gone_within(helpers, 8) == []  # the helpers, and then the reaper itself
+        assert _gone_within(helpers + watchers, 8) == []  # the helpers, then the reaper
+        assert alive(identify(bystander))  # what the reaper was not given is left alone
     finally:
         _kill_group(parent.pid)
+
+
+@pytest.mark.slow
+def test_a_dht_stopped_in_a_host_process_leaves_the_hosts_other_children_be(sleeper, tmp_path):
+    """byteswarm.Optimizer runs the node inside a user's process (and pytest): stopping its
+    DHT once killed torch's shared-memory manager there, and every hivemind future after
+    that failed with "Broken pipe"."""
+    from byteswarm.node.node_cli import ensure_identity
+    from byteswarm.node.settings import NodeConfig
+    mine = identify(sleeper.pid)
+    key, _ = ensure_identity(str(tmp_path / "identity.key"))
+    dht = procs.start_dht(NodeConfig(), str(key))
+    procs.start_reaper(dht)
+    tree = procs.dht_tree(dht)
+    assert any(_comm(p.pid) == "p2pd" for p in tree) and mine not in tree
+    procs.stop_dht(dht)
+    assert _gone_within(tree, 8) == [] and not procs._reapers
+    assert alive(mine) and sleeper.poll() is None
 
 
 def _cmdline(pid: int) -> str:
@@ -157,7 +185,7 @@ from byteswarm.node.procs import start_dht, start_reaper
 from byteswarm.node.settings import NodeConfig
 key, _ = ensure_identity(sys.argv[1] + "/identity.key")
 dht = start_dht(NodeConfig(), str(key))
-start_reaper()
+start_reaper(dht)
 print("ready", flush=True)
 time.sleep(120)
 """
