@@ -38,6 +38,7 @@ import torch
 
 from .codecs import Compressed, decompress, make_codec
 from .config import ConfigError, opt, validate
+from .deadlines import WaitOptions
 from .inner import TRAIN, InnerEngine, InnerLoop, LocalUpdate, flatten, load_flat_
 from .noloco import CODEC_NAMES, check_share, codec_options
 from .outer import IMPLS, diloco_outer_step_, group_mean
@@ -46,7 +47,7 @@ from .task import Job
 
 
 @dataclass(frozen=True, kw_only=True)
-class DiLoCoConfig:
+class DiLoCoConfig(WaitOptions):
     inner_steps: int = opt(50, "H: inner steps per outer round (paper: 500)", lo=1)
     outer_lr: float = opt(0.7, "outer Nesterov learning rate", lo=0.0, hi=10.0, lo_open=True)
     outer_momentum: float = opt(0.9, "outer Nesterov momentum", lo=0.0, hi=1.0)
@@ -137,7 +138,7 @@ class DiLoCo(LocalUpdate):
     def on_timer(self, now: float) -> None:
         if self.deadline is None or now < self.deadline:
             return
-        self.counts["timeouts"] += 1
+        self._timed_out(set(self.inbox[self.phases.phase].get(self.round, {})))
         if self.phases.phase == REDUCE:
             self._finish_reduce(now)
         elif self.phases.phase == GATHER:
@@ -186,7 +187,7 @@ class DiLoCo(LocalUpdate):
             if j != me:
                 data = self._codec((REDUCE, j, n)).compress(self._slice(self.grad, j))
                 self._send(peer, ReducePart(self.round, j, n, data))
-        self.deadline = now + self.cfg.round_timeout
+        self._await(self.members, now)
         self._advance(now)
 
     def _accept(self, sender: str, msg: Any) -> None:
@@ -201,6 +202,7 @@ class DiLoCo(LocalUpdate):
         if sender == self.peer_id:
             raise Rejected("from_self", sender)
         if msg.round < self.round:
+            self._arrival(sender, msg.round, stage)  # too late to use; its delay still counts
             raise Rejected("stale", f"round {msg.round}, now {self.round}")
         if msg.round > self.round + self.cfg.max_ahead:
             raise Rejected("too_far_ahead", f"round {msg.round}, now {self.round}")
@@ -212,6 +214,7 @@ class DiLoCo(LocalUpdate):
         if len(box) >= len(self.peers) + 4:  # bounded whatever a flood sends
             raise Rejected("buffer_full", f"{stage} round {msg.round}")
         box[sender] = msg
+        self._arrival(sender, msg.round, stage)
 
     def _checked(self, msg: Any, j: int, sender: str, stage: str) -> torch.Tensor | None:
         """The part as a vector, or None (counted) if it does not fit this round."""
@@ -238,12 +241,10 @@ class DiLoCo(LocalUpdate):
     def _advance(self, now: float) -> None:
         """Move on as soon as a stage has everything it waits for."""
         if self.phases.phase == REDUCE:
-            have = set(self.inbox[REDUCE].get(self.round, {}))
-            if set(self.members) - {self.peer_id} <= have:
+            if not self._still_waiting(set(self.inbox[REDUCE].get(self.round, {}))):
                 self._finish_reduce(now)
         if self.phases.phase == GATHER:
-            have = set(self.inbox[GATHER].get(self.round, {}))
-            if set(self.members) - {self.peer_id} <= have:
+            if not self._still_waiting(set(self.inbox[GATHER].get(self.round, {}))):
                 self._finish_round()
 
     def _finish_reduce(self, now: float) -> None:
@@ -265,7 +266,7 @@ class DiLoCo(LocalUpdate):
                     self._send(peer, GatherPart(self.round, me, n, len(got), data))
         self.parts[me] = avg
         self.phases.move(GATHER)
-        self.deadline = now + self.cfg.round_timeout
+        self._await(self.members, now)
         self._advance(now)
 
     def _finish_round(self) -> None:

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
+from .deadlines import Deadlines
 from .sansio import Mailbox, PhaseTable, Rejected
 from .task import Job
 
@@ -158,13 +159,50 @@ class LocalUpdate(Mailbox):
         self.numel = self.phi.numel()
         self._init_mailbox(peer_id, peers)
         self._moves = moves
+        self.waits = Deadlines.of(cfg, cfg.round_timeout)
+        self._arrived: list[tuple[str, int, str]] = []  # (sender, round, phase awaited in)
         self._restart(0)
 
     def _restart(self, round_: int) -> None:
         """Start round ``round_`` from φ (θ ← φ), with no exchange in flight."""
         load_flat_(self.model, self.phi)
         self.round, self.inner_done, self.deadline = round_, 0, None
+        self._awaited: tuple[str, frozenset[str], float] | None = None  # phase, whom, since
+        self._since: dict[tuple[int, str], float] = {}  # (round, phase) -> waiting since
         self.phases = PhaseTable(TRAIN, self._moves)
+
+    # -- learned waits (optim/deadlines.py)
+    def _await(self, senders: set[str] | list[str], now: float) -> None:
+        """The phase just entered waits for these senders' messages: arm its deadline."""
+        whom = frozenset(senders) - {self.peer_id}
+        self._awaited = (self.phases.phase, whom, now)
+        self._since = {k: t for k, t in self._since.items() if k[0] >= self.round - 2}
+        self._since[(self.round, self.phases.phase)] = now
+        self.deadline = now + self.waits.wait(whom)
+
+    def _arrival(self, sender: str, round_: int, phase: str) -> None:
+        """Note a message of ``sender`` for (round, phase), even one too late to use: its
+        delay is timed when ``on_message`` is done with it."""
+        self._arrived.append((sender, round_, phase))
+
+    def on_message(self, sender: str, msg: Any, now: float) -> None:
+        super().on_message(sender, msg, now)
+        for who, round_, phase in self._arrived:
+            since = self._since.get((round_, phase))
+            # None: we were not waiting for it yet (delay 0), or we no longer know when.
+            delay = now - since if since is not None else 0.0 if round_ >= self.round else None
+            self.waits.heard(who, delay)
+        self._arrived.clear()
+
+    def _still_waiting(self, have: set[str]) -> bool:
+        """Whether anyone awaited (and not dormant) is missing from ``have``."""
+        whom = self._awaited[1] if self._awaited is not None else frozenset()
+        return bool(whom - have - self.waits.dormant)
+
+    def _timed_out(self, have: set[str]) -> None:
+        self.counts["timeouts"] += 1
+        whom = self._awaited[1] if self._awaited is not None else frozenset()
+        self.waits.missed(whom - have - self.waits.dormant)
 
     # -- driver interface
     def can_step(self) -> bool:
@@ -269,7 +307,7 @@ class LocalUpdate(Mailbox):
 
     def stats(self) -> dict[str, Any]:
         return {**self.counts, "round": self.round, "phase": self.phases.phase,
-                "rejects": self.rejects.snapshot()}
+                "rejects": self.rejects.snapshot(), "deadlines": self.waits.stats()}
 
     def _end_inner_phase(self, now: float) -> None:
         raise NotImplementedError

@@ -38,6 +38,7 @@ import torch
 
 from .codecs import CODECS, Compressed, decompress, make_codec
 from .config import ConfigError, opt, validate
+from .deadlines import WaitOptions
 from .inner import TRAIN, InnerEngine, InnerLoop, LocalUpdate, flatten, load_flat_
 from .outer import IMPLS, check_noloco_stability, group_mean, noloco_outer_step_
 from .sansio import Rejected, Send
@@ -57,7 +58,7 @@ def check_share(vec: torch.Tensor, numel: int, what: str) -> None:
 # --- the algorithm ------------------------------------------------------------------------
 
 @dataclass(frozen=True, kw_only=True)
-class NoLoCoConfig:
+class NoLoCoConfig(WaitOptions):
     inner_steps: int = opt(50, "H: inner steps per outer round (paper: 50)", lo=1)
     alpha: float = opt(0.5, "outer momentum α", lo=0.0, hi=1.0)
     beta: float = opt(0.7, "outer learning rate β on the group's mean θ − φ", lo=0.0,
@@ -72,7 +73,7 @@ class NoLoCoConfig:
     int8_block: int = opt(256, "elements per int8 scale", lo=8, hi=65536)
     topk_fraction: float = opt(0.01, "share of entries top-k sends", lo=0.0, hi=1.0,
                                lo_open=True)
-    round_timeout: float = opt(30.0, "seconds to wait for the group's shares, then step "
+    round_timeout: float = opt(30.0, "most seconds to wait for the group's shares, then step "
                                "with whoever arrived", lo=0.0, lo_open=True)
     lr: float = opt(3e-3, "inner Adam learning rate", lo=0.0, hi=1.0, lo_open=True)
     weight_decay: float = opt(0.0, "inner decoupled weight decay (paper: none)", lo=0.0,
@@ -160,7 +161,7 @@ class NoLoCo(LocalUpdate):
     # -- driver interface
     def on_timer(self, now: float) -> None:
         if self.phases.phase == WAIT and self.deadline is not None and now >= self.deadline:
-            self.counts["timeouts"] += 1
+            self._timed_out(set(self.inbox.get(self.round, {})))
             self._apply()
 
     MOMENTUM_KEY = "delta"
@@ -192,7 +193,7 @@ class NoLoCo(LocalUpdate):
             if peer != self.peer_id:
                 self._out.append(Send(peer, share))
                 self.counts["bytes_sent"] += share.phi.nbytes + share.update.nbytes
-        self.deadline = now + self.cfg.round_timeout
+        self._await(self.group, now)
         self._maybe_apply()
 
     def _accept(self, sender: str, msg: Any) -> None:
@@ -205,6 +206,7 @@ class NoLoCo(LocalUpdate):
         if sender == self.peer_id:
             raise Rejected("from_self", sender)
         if msg.round < self.round:
+            self._arrival(sender, msg.round, WAIT)  # too late to use; its delay still counts
             raise Rejected("stale", f"round {msg.round}, now {self.round}")
         if msg.round > self.round + self.cfg.max_ahead:
             raise Rejected("too_far_ahead", f"round {msg.round}, now {self.round}")
@@ -216,10 +218,11 @@ class NoLoCo(LocalUpdate):
         if len(box) >= 4 * self.cfg.group_size:  # bounded: a flood cannot grow memory
             raise Rejected("buffer_full", f"round {msg.round}")
         box[sender] = msg
+        self._arrival(sender, msg.round, WAIT)
 
     def _maybe_apply(self) -> None:
-        if self.phases.phase == WAIT and set(self.group) - {self.peer_id} <= set(
-                self.inbox.get(self.round, {})):
+        if self.phases.phase == WAIT and not self._still_waiting(
+                set(self.inbox.get(self.round, {}))):
             self._apply()
 
     def _usable(self, share: NoLoCoShare, own_norm: float) -> tuple[torch.Tensor,

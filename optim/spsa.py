@@ -22,8 +22,10 @@ Bit-identity rests on three rules:
 2. records are applied in canonical order, never arrival order;
 3. the perturbation never touches the canonical θ: ℓ± are measured on a scratch copy.
 
-Late records. A step closes locally when every expected record is in or the driver's
-deadline passes, so peers can close a step with different record sets. To stay exact, the
+Late records. A step closes locally when every expected record is in or its deadline
+passes (learned per sender from its recent records, at most ``step_timeout``; a member that
+misses ``dormant_after`` deadlines in a row is not waited for until it sends again:
+optim/deadlines.py), so peers can close a step with different record sets. To stay exact, the
 live θ is defined as a *final* snapshot (steps ≤ f, which no longer accept records) plus
 the canonical application of steps f+1 … closed. A record that arrives late for a step
 after f rebuilds the live θ from the snapshot (replay: one fused pass per step), so the
@@ -55,6 +57,7 @@ from typing import Any
 
 import torch
 
+from .deadlines import Deadlines
 from .flat import FlatParams
 from .kernels import perturb, update_
 from .sansio import EVERYONE, Mailbox, Rejected, Send
@@ -113,8 +116,12 @@ class SPSA(Mailbox):
         self.closed = -1  # last step closed locally (applied to self.theta)
         self._mark: tuple[int, str] | None = None
         self.history: dict[int, dict[str, int]] = {}  # records of the latest final steps
+        self.waits = Deadlines.of(cfg, cfg.step_timeout)
+        self._ready_at: dict[int, float] = {}  # step -> when our own record of it was made
+        self._arrived: list[tuple[str, int]] = []  # (peer, step) accepted, not yet timed
         self.counts = {"records_sent": 0, "records_applied": 0, "late_records": 0,
                        "replays": 0, "steps_closed": 0, "steps_timed_out": 0,
+                       "seconds_timed_out": 0.0,
                        "spot_checks": 0, "spot_failures": 0}
 
     def scale(self, step: int) -> float:
@@ -141,7 +148,8 @@ class SPSA(Mailbox):
         self.records.setdefault(t, {})[self.peer_id] = q
         self._out.append(Send(EVERYONE, Record(t, self.peer_id, q)))
         self.counts["records_sent"] += 1
-        self.deadline = now + self.cfg.step_timeout
+        self._ready_at[t] = now
+        self.deadline = now + self.waits.wait(self._missing(t))
         self._maybe_close(now)
         return {"loss": 0.5 * (losses[0] + losses[1]), "g": g, "q": float(q)}
 
@@ -158,6 +166,8 @@ class SPSA(Mailbox):
     def on_timer(self, now: float) -> None:
         if self.deadline is not None and now >= self.deadline:
             self.counts["steps_timed_out"] += 1
+            self.counts["seconds_timed_out"] += now - self._ready_at.get(self.step, now)
+            self.waits.missed(self._missing(self.step) - self.waits.dormant)
             self._close(self.step)
 
     def evaluate(self) -> float:
@@ -281,7 +291,8 @@ class SPSA(Mailbox):
 
     def stats(self) -> dict:
         return {**self.counts, "closed_step": self.closed, "final_step": self.snap.step,
-                "banned": len(self.banned), "rejects": self.rejects.snapshot()}
+                "banned": len(self.banned), "rejects": self.rejects.snapshot(),
+                "deadlines": self.waits.stats()}
 
     # -- internals
     def _accept(self, sender: str, msg: object) -> None:
@@ -301,6 +312,7 @@ class SPSA(Mailbox):
         if msg.peer in step_records:
             raise Rejected("duplicate", f"step {msg.step} peer {msg.peer}")
         step_records[msg.peer] = msg.q
+        self._arrived.append((msg.peer, msg.step))
         if msg.step <= self.closed:  # late: rebuild θ as if it had come on time
             self.counts["late_records"] += 1
             if self._sampled(msg.step, msg.peer):
@@ -314,12 +326,22 @@ class SPSA(Mailbox):
         self.known |= self.peers
 
     def _after_message(self, now: float) -> None:
+        for peer, t in self._arrived:  # how long after our own record each one came
+            ready = self._ready_at.get(t)
+            early = ready is None and t >= self.step  # before we were ready: no wait at all
+            self.waits.heard(peer, 0.0 if early else None if ready is None else now - ready)
+        self._arrived.clear()
         self._maybe_close(now)
+
+    def _missing(self, t: int) -> set[str]:
+        """Members expected at step t whose records are not in (the dormant included)."""
+        have = self.records.get(t, {})
+        return set(self.expected.get(t, self.peers)) - self.banned - set(have) - {self.peer_id}
 
     def _maybe_close(self, now: float) -> None:
         t = self.step
-        have = self.records.get(t, {})
-        if self.peer_id in have and self.expected.get(t, self.peers) - self.banned <= set(have):
+        if self.peer_id in self.records.get(t, {}) and \
+                not self._missing(t) - self.waits.dormant:
             self._close(t)
 
     def _close(self, t: int) -> None:
@@ -361,6 +383,7 @@ class SPSA(Mailbox):
     def _finalize(self, t: int) -> None:
         """Fold step t into the snapshot; from now on it accepts no more records."""
         records = self.records.pop(t, {})
+        self._ready_at.pop(t, None)
         self.snap.advance_(records, self.cfg, self.pad)
         self.history[t] = records
         self.history.pop(t - HISTORY_STEPS, None)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import opt
+from .deadlines import WaitOptions
 from .kernels import update_
 from .seeds import derive_seed
 
@@ -18,7 +19,7 @@ Q_MAX = 127
 
 
 @dataclass(frozen=True, kw_only=True)
-class SPSAConfig:
+class SPSAConfig(WaitOptions):
     swarm: str = opt("byteswarm", "swarm name; seeds are derived from it")
     eps: float = opt(1e-3, "perturbation size ε", lo=0.0, hi=1.0, lo_open=True)
     lr: float = opt(3e-3, "learning rate η of one record; a step's |R| records are summed "
@@ -37,7 +38,7 @@ class SPSAConfig:
     finality_steps: int = opt(4, "a step stops accepting late records this many steps after "
                               "it closes", lo=1, hi=1000)
     max_ahead: int = opt(4, "reject records more than this many steps ahead", lo=1)
-    step_timeout: float = opt(5.0, "seconds to wait for the other records of a step",
+    step_timeout: float = opt(5.0, "most seconds to wait for the other records of a step",
                               lo=0.0, lo_open=True)
     spot_check_rate: float = opt(0.0, "fraction of other peers' records that every peer "
                                  "recomputes from the sender's public shard (two forward "

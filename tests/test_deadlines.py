@@ -1,0 +1,114 @@
+"""Learned deadlines: each sender is waited for about as long as it has needed, and a silent
+member stops being waited for after a few misses, without changing a single bit of θ."""
+
+import pytest
+from byteswarm.optim.data import Corpus, DataConfig
+from byteswarm.optim.deadlines import MARGIN, POOLED_MARGIN, Deadlines
+from byteswarm.optim.model import ModelConfig
+from byteswarm.optim.sansio import EVERYONE
+from byteswarm.optim.spsa import Record, SPSAConfig
+from byteswarm.optim.workload import ALGOS, Workload
+
+
+def test_a_wait_follows_the_delays_seen_and_stays_within_its_bounds():
+    d = Deadlines(5.0, floor=0.05)
+    assert d.wait_for("a") == 5.0  # nothing seen yet: the whole timeout
+    for delay in (0.2, 0.1, 0.3, -1.0):  # (an early message has delay 0)
+        d.heard("a", delay)
+    assert d.wait_for("a") == pytest.approx(MARGIN * 0.3 + 0.05)
+    for _ in range(20):
+        d.heard("slow", 9.0)
+        d.heard("quick", 0.0)
+    assert d.wait_for("slow") == 5.0 and d.wait_for("quick") == 0.05  # the bounds
+    pooled = Deadlines(5.0, floor=0.05)
+    for sender in ("a", "b", "c"):
+        pooled.heard(sender, 0.1)
+    # Seen too rarely (or never): as long as everyone's recent messages took, wider margin.
+    assert pooled.wait_for("rare") == pytest.approx(POOLED_MARGIN * 0.1 + 0.05)
+    assert d.wait({"a", "quick"}) == d.wait_for("a")  # the slowest of those still awaited
+    assert Deadlines(5.0, mode="fixed").wait_for("quick") == 5.0
+    with pytest.raises(ValueError, match="deadline mode"):
+        Deadlines(1.0, mode="guess")
+
+
+def test_a_sender_missing_k_deadlines_in_a_row_is_dormant_until_it_speaks():
+    d = Deadlines(2.0, dormant_after=3)
+    for _ in range(2):
+        d.missed({"ghost"})
+    d.heard("ghost", None)  # a message resets the count
+    for _ in range(2):
+        d.missed({"ghost"})
+    assert not d.dormant and d.wait({"ghost"}) == 2.0
+    d.missed({"ghost"})
+    assert d.dormant == {"ghost"} and d.wait({"ghost"}) == 0.0
+    d.heard("ghost", 0.1)
+    assert not d.dormant and d.counts["woke"] == 1
+    fixed = Deadlines(2.0, mode="fixed", dormant_after=1)
+    fixed.missed({"ghost"})
+    assert not fixed.dormant  # the fixed mode waits for everyone, always
+
+
+@pytest.fixture(scope="module")
+def task():
+    corpus = Corpus.load(DataConfig(max_bytes=1_000_000))
+    return Workload(ModelConfig(preset="tiny"), DataConfig(batch_size=4), corpus, 0, 32,
+                    corpus.val_set(4, 32, 1, seed=0))
+
+
+def _swarm(task, mode: str):
+    """Two real SPSA peers in a membership of three: p02 is listed but never sends."""
+    ids = ["p00", "p01", "p02"]
+    cfg = SPSAConfig(step_timeout=2.0, deadline=mode, dormant_after=3)
+    return [ALGOS["spsa"].make(cfg, pid, k, 3, ids, task) for k, pid in enumerate(ids[:2])]
+
+
+def _step_all(peers, now: float) -> float:
+    """Both step at ``now``, hear each other 10 ms later, and wait out any deadline;
+    returns when the step closed."""
+    sent = []
+    for p in peers:
+        p.on_local_step(now)
+        sent += [s.msg for s in p.outbox() if s.to == EVERYONE]
+    now += 0.01
+    for p in peers:
+        for m in sent:
+            if m.peer != p.peer_id:
+                p.on_message(m.peer, m, now)
+    for p in peers:
+        if not p.can_step():
+            now = max(now, p.next_deadline())
+            p.on_timer(now)
+        assert p.can_step()
+    return now
+
+
+def test_a_silent_member_costs_k_timeouts_in_all_and_replicas_stay_identical(task):
+    learned, fixed = _swarm(task, "learned"), _swarm(task, "fixed")
+    ends = {}
+    for name, peers in (("learned", learned), ("fixed", fixed)):
+        now = 0.0
+        for _ in range(8):
+            now = _step_all(peers, now)
+        ends[name] = now
+        assert peers[0].fingerprint() == peers[1].fingerprint()
+    assert [p.counts["steps_timed_out"] for p in learned] == [3, 3]
+    assert learned[0].waits.dormant == {"p02"}
+    assert [p.counts["steps_timed_out"] for p in fixed] == [8, 8]
+    assert ends["learned"] == pytest.approx(3 * 2.0 + 5 * 0.01)  # then no waits at all
+    # Dormancy only decided when steps closed locally: the bits are those of fixed waits.
+    assert learned[0].fingerprint() == fixed[0].fingerprint()
+    # The silent member speaks (a record for the step after next): it is waited for again.
+    t = learned[0].step
+    for p in learned:
+        p.on_message("p02", Record(t + 1, "p02", 3), ends["learned"])
+    assert not learned[0].waits.dormant
+    # Step t: it is waited for again (it sent nothing for t), as long as the swarm's
+    # records took (it is seen too rarely for a wait of its own): far below the timeout.
+    pooled = learned[0].waits.wait_for("p02")
+    assert pooled == pytest.approx(POOLED_MARGIN * 0.01 + SPSAConfig().deadline_floor)
+    now = _step_all(learned, ends["learned"])
+    assert now == pytest.approx(ends["learned"] + pooled)
+    assert learned[0].counts["steps_timed_out"] == 4
+    assert _step_all(learned, now) == pytest.approx(now + 0.01)  # t + 1: its record is in
+    assert learned[0].counts["steps_timed_out"] == 4
+    assert learned[0].fingerprint() == learned[1].fingerprint()
