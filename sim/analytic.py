@@ -51,7 +51,7 @@ from torch import nn
 
 from .engine import Event, Simulation
 from .joining import Joins
-from .runner import RunResult, SimConfig, wire_size
+from .runner import RunResult, SimConfig, utilisation_line, wire_size
 from .scenario import Scenario
 
 PACKET = 1500  # bytes: the default fast-path limit, one Ethernet frame
@@ -198,8 +198,6 @@ class AnalyticSimulation(Simulation):
         self._alive: list[str] | None = None
         self._members_due = False
         self._unfinished: str | None = None
-        self._wait_since: dict[str, float] = {}
-        self.blocked: dict[str, float] = {}  # seconds each peer sat idle with can_step() false
         super().__init__(*args, **kwargs)
 
     def alive(self) -> list[str]:
@@ -218,23 +216,11 @@ class AnalyticSimulation(Simulation):
         self._members_due = False
         super()._membership_changed()
 
-    def _maybe_start(self, peer: str) -> None:
-        # Time blocked by the protocol (waiting for a group, an all-reduce, a step's
-        # records), not for the run's end: what "sync seconds" should mean at any length.
-        st = self.peers[peer]
-        if st.alive and not st.busy:
-            waiting, since = not st.algo.can_step(), self._wait_since.get(peer)
-            if waiting and since is None:
-                self._wait_since[peer] = self.now
-            elif not waiting and since is not None:
-                self.blocked[peer] = self.blocked.get(peer, 0.0) + self.now - since
-                del self._wait_since[peer]
-        super()._maybe_start(peer)
-
     def _finished(self) -> bool:
-        if self._joins_pending or self._syncing or self._members_due:
+        if self._joins_pending or self._syncing or self._members_due or self.in_flight():
             return False
-        busy = lambda st: st.steps < self.target or st.algo.next_deadline() is not None
+        busy = lambda st: not st.hung and (st.steps < self.target
+                                           or st.algo.next_deadline() is not None)
         p = self._unfinished
         if p is not None and self.peers[p].alive and busy(self.peers[p]):
             return False
@@ -284,8 +270,11 @@ def run_analytic(name: str, algo_cfg: Any, sim: SimConfig, scenario: Scenario,
     wall = time.perf_counter() - t0
     result.summary = summarize(engine, ids, entry.rounds_per_step(algo_cfg), sim)
     rounds = max(1.0, sim.steps * entry.rounds_per_step(algo_cfg))
+    # Time blocked by the protocol (waiting for a group, an all-reduce, a step's records),
+    # not for the run's end: what "sync seconds" should mean at any length.
     result.summary["blocked_seconds_per_round"] = statistics.fmean(
-        engine.blocked.get(p, 0.0) / rounds for p in ids)
+        sum(engine.peers[p].lost.get(r, 0.0) for r in ("waiting", "timeout")) / rounds
+        for p in ids)
     result.summary.update(model_params=numel, fast_bytes=fast_bytes, wall_seconds=round(wall, 3),
                           peer_steps_per_wall_second=round(
                               sum(st.steps for st in engine.peers.values()) / wall, 1))
@@ -296,7 +285,7 @@ def summarize(engine: Simulation, ids: list[str], rounds_per_step: float,
               sim: SimConfig) -> dict[str, Any]:
     """``run_algorithm``'s summary numbers, from the engine's clocks and counters."""
     net = engine.net
-    alive = [st for st in engine.peers.values() if st.alive]
+    alive = engine.working()
     sent = [net.bytes_sent.get(p, 0) for p in ids]
     received = [net.bytes_received.get(p, 0) for p in ids]
     present = {p: st for p, st in engine.peers.items() if st.present_seconds > 0}
@@ -320,6 +309,7 @@ def summarize(engine: Simulation, ids: list[str], rounds_per_step: float,
         "idle_fraction": statistics.fmean(idle[p] / present[p].present_seconds
                                           for p in present) if present else 0.0,
         "sync_seconds_mean": statistics.fmean(sync) if sync else 0.0,
+        **engine.utilisation(),
         "messages_delivered": engine.counts["messages"],
         "joins": engine.counts["joins"], "leaves": engine.counts["leaves"],
         "catch_up": engine.joins.summary() if engine.joins is not None else None,
@@ -360,7 +350,7 @@ def run_cli(args: Any, sim: SimConfig, mcfg: ModelConfig, algo_cfgs: dict[str, A
         print(f"  {name:7s} virtual {s['virtual_seconds']:9.1f} s"
               f"  sync/round {s['sync_seconds_mean']:8.2f} s"
               f"  sent/peer {s['bytes_sent_per_peer']['mean'] / 1e6:9.3f} MB"
-              f"  idle {100 * s['idle_fraction']:4.1f}%  wall {s['wall_seconds']:.1f} s",
+              + utilisation_line(s) + f"  wall {s['wall_seconds']:.1f} s",
               flush=True)
     log.close()
     save_json(out / "summary.json", summary)

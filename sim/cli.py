@@ -2,9 +2,10 @@
 
 Runs each chosen algorithm on the same workload and scenario, and writes to DIR:
 metrics.jsonl (validation loss by algorithm, peer, step and virtual time), summary.json
-(per algorithm: final_val_loss, virtual_seconds, bytes_sent_per_peer, idle_fraction,
-sync_seconds_mean, steps, …) and PNG plots: loss vs virtual time, loss vs step, bytes per
-peer and idle fraction, all algorithms on one chart. Same seed, same summary.
+(per algorithm: final_val_loss, virtual_seconds, bytes_sent_per_peer, utilisation and
+the time lost by reason, idle_fraction, sync_seconds_mean, learned waits, steps, …) and
+PNG plots: loss vs virtual time, loss vs step, bytes per peer and idle fraction, all
+algorithms on one chart. Same seed, same summary.
 
 With --no-train (analytic mode, sim/analytic.py) nothing is trained: the real protocol
 objects run on a stand-in workload while the network carries the configured model's
@@ -37,7 +38,7 @@ from byteswarm.optim.workload import ALGOS, make_task
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import plots
-from .runner import SimConfig, run_algorithm
+from .runner import SimConfig, run_algorithm, utilisation_line
 from .scenario import load_scenario
 
 SECTIONS = {"sim": SimConfig, "task": TaskConfig, "model": ModelConfig, "data": DataConfig}
@@ -120,8 +121,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {name:7s} val loss {s['final_val_loss']:.3f}"
               f"  virtual {s['virtual_seconds']:8.1f} s"
               f"  sent/peer {s['bytes_sent_per_peer']['mean'] / 1e6:9.3f} MB"
-              f"  idle {100 * s['idle_fraction']:4.1f}%"
-              + catch_up_line(s.get("catch_up")))
+              + utilisation_line(s) + catch_up_line(s.get("catch_up")))
     return 0
 
 

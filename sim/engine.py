@@ -39,6 +39,10 @@ class PeerSpec:
     join_at: float = 0.0
     leave_at: float = INF
     leave_after_steps: int | None = None  # leave on reaching this many local steps
+    # Hang on reaching this many steps: stop computing and sending, yet stay listed as a
+    # member for ``hang_listed`` seconds (a process that froze; its DHT entry outlives it).
+    hang_after_steps: int | None = None
+    hang_listed: float = 30.0
     rejoin_after: float = 0.0  # seconds after leaving to come back (0: never)
 
 
@@ -47,6 +51,7 @@ class PeerState:
     spec: PeerSpec
     algo: Algorithm | None = None
     alive: bool = False
+    hung: bool = False  # listed as a member, but does nothing (PeerSpec.hang_after_steps)
     busy: bool = False
     step_due: float = 0.0  # when the step in flight (if busy) lands
     steps: int = 0
@@ -60,6 +65,14 @@ class PeerState:
     marks: dict[int, str] = field(default_factory=dict)  # its latest published marks
     catchup: C.CatchUp | None = None  # while it catches up with the swarm
     catchup_started: float = 0.0
+    idle_since: float | None = None  # present, not computing, since then
+    lost: dict[str, float] = field(default_factory=dict)  # idle seconds by LOST_REASONS
+
+
+# Why a present peer was not computing: blocked until a message came ("waiting": for a
+# partner, a straggler or bytes on a link), blocked until a deadline gave up on someone
+# ("timeout"), or done with its steps while others still ran ("done").
+LOST_REASONS = ("waiting", "timeout", "done")
 
 
 @dataclass(frozen=True)
@@ -90,6 +103,7 @@ class Simulation:
         self._heap: list[tuple[float, int, Event]] = []
         self._seq = 0
         self._joins_pending = 0
+        self._deliveries = 0  # "deliver" events in the heap
         self._syncing: set[str] = set()  # joiners whose state download is in flight
         self.counts = {"messages": 0, "joins": 0, "leaves": 0}
         for s in specs:
@@ -120,11 +134,28 @@ class Simulation:
                     self._push(d.at, Event("deliver", d.dst, d))
                 continue
             _, _, ev = heapq.heappop(self._heap)
+            self._deliveries -= ev.kind == "deliver"
             getattr(self, f"_on_{ev.kind}")(ev)
         for st in self.peers.values():
-            if st.alive:
+            if st.alive and not st.hung:
                 st.present_seconds += self.now - st.present_since
                 st.present_since = self.now
+                self._end_idle(st, "done" if st.steps >= self.target else "waiting")
+
+    def working(self) -> list[PeerState]:
+        """Peers present and not hung: those whose replicas mean something."""
+        return [st for st in self.peers.values() if st.alive and not st.hung]
+
+    def utilisation(self) -> dict[str, Any]:
+        """Mean over present peers of the fraction of their present time spent computing,
+        and of the time lost, by reason (``LOST_REASONS``)."""
+        present = [st for st in self.peers.values() if st.present_seconds > 0]
+        if not present:
+            return {"utilisation": 0.0, "lost": dict.fromkeys(LOST_REASONS, 0.0)}
+        def mean(f: Callable[[PeerState], float]) -> float:
+            return round(sum(f(st) / st.present_seconds for st in present) / len(present), 4)
+        return {"utilisation": mean(lambda st: min(st.busy_seconds, st.present_seconds)),
+                "lost": {r: mean(lambda st, r=r: st.lost.get(r, 0.0)) for r in LOST_REASONS}}
 
     # -- events
     def _on_join(self, ev: Event) -> None:
@@ -155,7 +186,10 @@ class Simulation:
             return
         st.alive = False
         st.busy = False
-        st.present_seconds += self.now - st.present_since
+        if not st.hung:
+            self._end_idle(st, "waiting")
+            st.present_seconds += self.now - st.present_since
+        st.hung = False
         self.counts["leaves"] += 1
         self.net.remove_peer(ev.peer, self.now)
         self._syncing.discard(ev.peer)
@@ -167,7 +201,7 @@ class Simulation:
 
     def _on_step(self, ev: Event) -> None:
         st = self.peers[ev.peer]
-        if not st.alive:
+        if not st.alive or st.hung:
             return
         st.busy = False
         st.busy_seconds += ev.data
@@ -180,6 +214,13 @@ class Simulation:
         self._after_feed(ev.peer)
         if st.steps == st.spec.leave_after_steps:
             self._on_leave(Event("leave", ev.peer))
+        elif st.steps == st.spec.hang_after_steps:
+            self._hang(st)
+
+    def _hang(self, st: PeerState) -> None:
+        st.hung, st.busy = True, False
+        st.present_seconds += self.now - st.present_since
+        self._push(self.now + st.spec.hang_listed, Event("leave", st.spec.id))
 
     def _on_deliver(self, ev: Event) -> None:
         d = ev.data
@@ -187,7 +228,7 @@ class Simulation:
             self.joins.deliver(self, d)  # a catch-up's request or reply (a Sybil's too)
             return
         st = self.peers[ev.peer]
-        if not st.alive:
+        if not st.alive or st.hung:
             return
         self.counts["messages"] += 1
         st.algo.on_message(d.src, d.payload, self.now)
@@ -207,14 +248,15 @@ class Simulation:
 
     def _on_timer(self, ev: Event) -> None:
         st = self.peers[ev.peer]
-        if not st.alive or ev.data != st.timer_version:
+        if not st.alive or st.hung or ev.data != st.timer_version:
             return
         st.algo.on_timer(self.now)
-        self._after_feed(ev.peer)
+        self._after_feed(ev.peer, cause="timeout")
 
     # -- helpers
-    def _after_feed(self, peer: str) -> None:
-        """Flush the outbox, re-arm the timer, start the next step if allowed."""
+    def _after_feed(self, peer: str, cause: str = "waiting") -> None:
+        """Flush the outbox, re-arm the timer, start the next step if allowed (``cause``:
+        what to blame the idle time before it on)."""
         st = self.peers[peer]
         if self.joins is not None:
             self.joins.publish(st)  # what it serves joiners, and its marks
@@ -227,12 +269,22 @@ class Simulation:
         deadline = st.algo.next_deadline()
         if deadline is not None:
             self._push(max(deadline, self.now), Event("timer", peer, st.timer_version))
-        self._maybe_start(peer)
+        self._maybe_start(peer, cause)
 
-    def _maybe_start(self, peer: str) -> None:
+    def _end_idle(self, st: PeerState, cause: str) -> None:
+        if st.idle_since is not None:
+            st.lost[cause] = st.lost.get(cause, 0.0) + self.now - st.idle_since
+            st.idle_since = None
+
+    def _maybe_start(self, peer: str, cause: str = "waiting") -> None:
         st = self.peers[peer]
-        if not st.alive or st.busy or st.steps >= self.target or not st.algo.can_step():
+        if not st.alive or st.busy or st.hung:
             return
+        if st.steps >= self.target or not st.algo.can_step():
+            if st.idle_since is None:
+                st.idle_since = self.now
+            return
+        self._end_idle(st, cause)
         spec = st.spec
         dt = spec.step_seconds * (1 + spec.jitter * (2 * self.rng.random() - 1))
         if st.slow_left == 0 and spec.straggler_prob > 0 and \
@@ -247,13 +299,15 @@ class Simulation:
     def _membership_changed(self) -> None:
         members = frozenset(self.alive())
         for p in members:
-            self.peers[p].algo.on_peers(members, self.now)
+            if not self.peers[p].hung:
+                self.peers[p].algo.on_peers(members, self.now)
         for p in sorted(members):
-            self._after_feed(p)
+            if not self.peers[p].hung:
+                self._after_feed(p)
 
     def _finished(self) -> bool:
-        alive = [st for st in self.peers.values() if st.alive]
-        if self._joins_pending or self._syncing:
+        alive = self.working()
+        if self._joins_pending or self._syncing or self.in_flight():
             return False
         return all(st.steps >= self.target for st in alive) and \
             all(st.algo.next_deadline() is None for st in alive)
@@ -261,7 +315,13 @@ class Simulation:
     def push_event(self, at: float, kind: str, peer: str, data: Any = None) -> None:
         self._push(at, Event(kind, peer, data))
 
+    def in_flight(self) -> bool:
+        """Messages sent and not yet delivered: a run does not end on them (the last
+        records of a step would otherwise split replicas that are merely not done)."""
+        return self._deliveries > 0 or self.net.next_event_time() < INF
+
     def _push(self, at: float, ev: Event) -> None:
         self._joins_pending += ev.kind == "join"
+        self._deliveries += ev.kind == "deliver"
         self._seq += 1
         heapq.heappush(self._heap, (at, self._seq, ev))

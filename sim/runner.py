@@ -102,7 +102,7 @@ def run_algorithm(name: str, algo_cfg: Any, sim: SimConfig, scenario: Scenario, 
                         max_seconds=sim.max_hours * 3600, joins=joins, on_step=on_step)
     engine.run()
 
-    alive = [st for st in engine.peers.values() if st.alive]
+    alive = engine.working()
     final = [st.algo.evaluate() for st in alive if st.spec.id in eval_ids]
     if not final and alive:
         final = [alive[0].algo.evaluate()]
@@ -124,6 +124,8 @@ def run_algorithm(name: str, algo_cfg: Any, sim: SimConfig, scenario: Scenario, 
         "idle_fraction": statistics.fmean(idle[p] / present[p].present_seconds
                                           for p in present) if present else 0.0,
         "sync_seconds_mean": statistics.fmean(sync) if sync else 0.0,
+        **engine.utilisation(),
+        "deadlines": _deadlines(stats),
         "messages_delivered": engine.counts["messages"],
         "joins": engine.counts["joins"], "leaves": engine.counts["leaves"],
         "rejects": _sum_rejects(stats),
@@ -137,9 +139,33 @@ def run_algorithm(name: str, algo_cfg: Any, sim: SimConfig, scenario: Scenario, 
     return result
 
 
+def _deadlines(stats: list[dict]) -> dict[str, float]:
+    """The learned waits at the end (median over peers of each one's median and longest
+    wait) and the deadline counters summed over peers."""
+    ds = [s["deadlines"] for s in stats if "deadlines" in s]
+    if not ds:
+        return {}
+    out: dict[str, float] = {k: statistics.median(d[k] for d in ds)
+                             for k in ("wait_median", "wait_max")}
+    for k in ("deadlines_missed", "went_dormant", "woke"):
+        out[k] = sum(d[k] for d in ds)
+    return out
+
+
 def _sum_rejects(stats: list[dict]) -> dict[str, int]:
     total: dict[str, int] = {}
     for s in stats:
         for k, v in s.get("rejects", {}).items():
             total[k] = total.get(k, 0) + v
     return dict(sorted(total.items()))
+
+
+def utilisation_line(s: dict) -> str:
+    """Compute utilisation, where the rest went, and the waits learned (if any)."""
+    lost = s["lost"]
+    line = (f"  util {100 * s['utilisation']:4.1f}% (waiting {100 * lost['waiting']:.0f}%, "
+            f"timeouts {100 * lost['timeout']:.0f}%, done {100 * lost['done']:.0f}%)")
+    d = s.get("deadlines")
+    if d:
+        line += f"  waits {d['wait_median']:.2f}/{d['wait_max']:.2f} s"
+    return line

@@ -43,6 +43,12 @@ class Churn:
     leave_at_step: float = opt(0.5, "they leave on reaching this fraction of the steps",
                                lo=0.0, hi=1.0)
     rejoin_after_s: float = opt(0.0, "virtual seconds until they return (0: never)", lo=0.0)
+    hang_fraction: float = opt(0.0, "fraction of the peers that hang without leaving: they "
+                               "stop computing and sending, yet stay listed", lo=0.0, hi=0.9)
+    hang_at_step: float = opt(0.25, "they hang on reaching this fraction of the steps",
+                              lo=0.0, hi=1.0)
+    hang_listed_s: float = opt(60.0, "virtual seconds a hung peer stays listed (its "
+                               "membership entry's lifetime)", lo=0.0)
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,7 @@ class Scenario:
         for i in order[: n - sum(counts)]:
             counts[i] += 1
         leavers = round(self.churn.leave_fraction * n)
+        hangers = round(self.churn.hang_fraction * n)
         specs = []
         for gi, g in enumerate(self.groups):
             for _ in range(counts[gi]):
@@ -85,6 +92,10 @@ class Scenario:
                     leave_after_steps=max(1, int(self.churn.leave_at_step * steps))
                     if leaves else None,
                     rejoin_after=self.churn.rejoin_after_s))
+        # Those that hang: the last peers that do not leave (p0000 is evaluated first).
+        for spec in [s for s in specs[1:] if not s.leave_after_steps][::-1][:hangers]:
+            spec.hang_after_steps = max(1, int(self.churn.hang_at_step * steps))
+            spec.hang_listed = self.churn.hang_listed_s
         return specs
 
     def network(self, seed: int) -> Network:
