@@ -5,7 +5,6 @@ processes on 127.0.0.1, each with its DHT process and p2pd.
 """
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from byteswarm.optim.config import ConfigError
+from test_node import CHILD_ENV
 from torch import nn
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "optimizer_loop.py"
@@ -23,7 +23,7 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "optimizer_loop.py"
 
 def start(out: Path, *args: str) -> tuple[subprocess.Popen, Path]:
     log = out.with_suffix(".log")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**CHILD_ENV, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, str(EXAMPLE), "--out", str(out), *args],
                             stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)

@@ -34,6 +34,12 @@ def group_pids(pgid: int) -> list[int]:
     return out
 
 
+# Child processes of the tests run SPSA's CPU kernels eagerly: they are bit-identical to
+# the compiled ones (tests/test_rademacher.py), and each process skips about 14 s of
+# torch.compile at start, which the tests' short runs never earn back.
+CHILD_ENV = {**os.environ, "BYTESWARM_CPU_KERNELS": "reference"}
+
+
 class Node:
     """``byteswarm node --out OUT FAST… ARGS…``, or ``byteswarm COMMAND… --out OUT ARGS…``."""
 
@@ -45,7 +51,7 @@ class Node:
         argv = (["node", "--out", str(out), *FAST, *args] if command is None
                 else [*command, "--out", str(out), *args])
         self.proc = subprocess.Popen([EXE, *argv], stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, env=CHILD_ENV)
 
     @property
     def pid(self) -> int:

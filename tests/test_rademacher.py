@@ -211,3 +211,15 @@ def test_flat_params_perturbed_forward_and_update():
     assert flat.padding_is_zero()  # ... and zero_padding_ restores the invariant
     loss_of(model, idx).backward()  # gradients still reach the (rebound) parameters
     assert model.lin.weight.grad is not None
+
+
+def test_the_environment_can_make_auto_eager_on_cpu(monkeypatch):
+    """BYTESWARM_CPU_KERNELS=reference: auto takes the reference (no graph is compiled),
+    with the compiled path's bits."""
+    theta = torch.randn(4096 + 7)
+    want = update_(theta.clone(), [1, 2, 3], [0.1, -0.2, 0.3], impl="compiled")
+    monkeypatch.setenv("BYTESWARM_CPU_KERNELS", "reference")
+    counters.clear()
+    got = update_(theta.clone(), [1, 2, 3], [0.1, -0.2, 0.3])
+    assert torch.equal(got, want)
+    assert not counters["stats"]["unique_graphs"]  # dynamo saw nothing

@@ -17,6 +17,7 @@ from byteswarm.sim.engine import PeerSpec, Simulation
 from byteswarm.sim.network import INF, Link, Network
 from byteswarm.sim.runner import SimConfig, run_algorithm, wire_size
 from byteswarm.sim.scenario import load_scenario, parse_scenario, shipped
+from test_node import CHILD_ENV
 
 EXE = shutil.which("byteswarm") or str(Path(sys.executable).with_name("byteswarm"))
 
@@ -86,7 +87,7 @@ def test_shipped_scenarios_load_and_bad_ones_are_refused():
 
 def sim_cli(tmp, *args):
     return subprocess.run([EXE, "sim", "--quiet", "--out", str(tmp), "--max-bytes", "2000000",
-                           *args], capture_output=True, text=True, timeout=300)
+                           *args], capture_output=True, text=True, timeout=300, env=CHILD_ENV)
 
 
 @pytest.mark.slow
