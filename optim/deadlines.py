@@ -15,6 +15,12 @@ waits for it until a message of its arrives again. A silent member so costs at m
 many timeouts in all, not one per step. Dormancy decides only how long a peer waits, never
 what it computes: SPSA's late records still rebuild θ exactly (optim/spsa.py).
 
+Not with SPSA's spot checks: they recompute a record from θ with every record of the
+steps before it, and a peer that ended a step early computes its next record on a θ
+without the late ones, so honest peers would ban each other. Spot-checking SPSA peers
+keep fixed waits (which a member that sends its records just late can still exploit:
+docs/security.md).
+
 Sans-IO like the algorithms: the caller passes ``now``; the same object runs in the node
 and the simulator. ``mode="fixed"`` keeps the old behaviour (always the timeout, nobody
 dormant) for tests and comparisons.
@@ -42,7 +48,8 @@ class WaitOptions:
 
     deadline: str = opt("learned", "'learned': wait for each peer about as long as its recent "
                         "messages took, at most the timeout (optim/deadlines.py); 'fixed': "
-                        "always the whole timeout", choices=MODES)
+                        "always the whole timeout (SPSA with spot checks: always fixed)",
+                        choices=MODES)
     deadline_floor: float = opt(0.1, "a learned wait is never shorter than this (seconds)",
                                 lo=0.0)
     dormant_after: int = opt(3, "stop waiting for a peer that missed this many deadlines in "
@@ -106,9 +113,10 @@ class Deadlines:
         return max((self.wait_for(s) for s in live), default=0.0)
 
     @classmethod
-    def of(cls, cfg: WaitOptions, timeout: float) -> Deadlines:
-        return cls(timeout, mode=cfg.deadline, floor=cfg.deadline_floor,
-                   dormant_after=cfg.dormant_after)
+    def of(cls, cfg: WaitOptions, timeout: float, *, fixed: bool = False) -> Deadlines:
+        """From a config; ``fixed``: whatever it says (SPSA with spot checks)."""
+        return cls(timeout, mode="fixed" if fixed else cfg.deadline,
+                   floor=cfg.deadline_floor, dormant_after=cfg.dormant_after)
 
     def stats(self) -> dict[str, float | int]:
         """Counters, and the waits learned so far (median and longest over senders)."""

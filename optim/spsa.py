@@ -116,7 +116,12 @@ class SPSA(Mailbox):
         self.closed = -1  # last step closed locally (applied to self.theta)
         self._mark: tuple[int, str] | None = None
         self.history: dict[int, dict[str, int]] = {}  # records of the latest final steps
-        self.waits = Deadlines.of(cfg, cfg.step_timeout)
+        # Spot checks recompute a record from θ with every record of the steps before it.
+        # A peer that closed a step without a record that came later computes its next
+        # record on another θ, and honest peers would ban each other for it: with spot
+        # checks on, waits stay fixed (learned waits end far more steps early).
+        self.waits = Deadlines.of(cfg, cfg.step_timeout,
+                                  fixed=cfg.spot_check_rate > 0)
         self._ready_at: dict[int, float] = {}  # step -> when our own record of it was made
         self._arrived: list[tuple[str, int]] = []  # (peer, step) accepted, not yet timed
         self.counts = {"records_sent": 0, "records_applied": 0, "late_records": 0,

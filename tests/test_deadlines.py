@@ -112,3 +112,17 @@ def test_a_silent_member_costs_k_timeouts_in_all_and_replicas_stay_identical(tas
     assert _step_all(learned, now) == pytest.approx(now + 0.01)  # t + 1: its record is in
     assert learned[0].counts["steps_timed_out"] == 4
     assert learned[0].fingerprint() == learned[1].fingerprint()
+
+
+def test_spot_checking_spsa_peers_keep_fixed_waits(task):
+    """A record computed on a θ that lacks a late record fails a spot check, so a peer
+    that ended steps early would be banned by honest peers: with checks on, no learning."""
+    ids = ["p00", "p01"]
+    cfg = SPSAConfig(step_timeout=2.0, spot_check_rate=0.5)
+    a, b = (ALGOS["spsa"].make(cfg, pid, k, 2, ids, task, index_of=ids.index)
+            for k, pid in enumerate(ids))
+    now = 0.0
+    for _ in range(4):
+        now = _step_all([a, b], now)
+    assert a.waits.mode == "fixed" and a.waits.wait({"p01"}) == 2.0
+    assert a.counts["spot_checks"] > 0 and not a.banned
