@@ -124,6 +124,7 @@ class SPSA(Mailbox):
                                   fixed=cfg.spot_check_rate > 0)
         self._ready_at: dict[int, float] = {}  # step -> when our own record of it was made
         self._arrived: list[tuple[str, int]] = []  # (peer, step) accepted, not yet timed
+        self._latest: dict[str, int] = {}  # peer -> the latest step it sent a record for
         self.counts = {"records_sent": 0, "records_applied": 0, "late_records": 0,
                        "replays": 0, "steps_closed": 0, "steps_timed_out": 0,
                        "seconds_timed_out": 0.0,
@@ -154,7 +155,7 @@ class SPSA(Mailbox):
         self._out.append(Send(EVERYONE, Record(t, self.peer_id, q)))
         self.counts["records_sent"] += 1
         self._ready_at[t] = now
-        self.deadline = now + self.waits.wait(self._missing(t))
+        self.deadline = now + self._wait(t)
         self._maybe_close(now)
         return {"loss": 0.5 * (losses[0] + losses[1]), "g": g, "q": float(q)}
 
@@ -332,11 +333,23 @@ class SPSA(Mailbox):
 
     def _after_message(self, now: float) -> None:
         for peer, t in self._arrived:  # how long after our own record each one came
+            self._latest[peer] = max(t, self._latest.get(peer, -1))
             ready = self._ready_at.get(t)
             early = ready is None and t >= self.step  # before we were ready: no wait at all
             self.waits.heard(peer, 0.0 if early else None if ready is None else now - ready)
         self._arrived.clear()
         self._maybe_close(now)
+
+    def _wait(self, t: int) -> float:
+        """How long step t waits for the records not in. The whole timeout for a member
+        (not dormant) whose latest record is finality_steps - 1 or more steps old: ending
+        steps early would leave it further behind, until its records came too late for a
+        final step here but not for the peers that waited (a split)."""
+        missing = self._missing(t)
+        oldest = t - (self.cfg.finality_steps - 1)
+        if any(self._latest.get(p, -1) < oldest for p in missing - self.waits.dormant):
+            return self.cfg.step_timeout
+        return self.waits.wait(missing)
 
     def _missing(self, t: int) -> set[str]:
         """Members expected at step t whose records are not in (the dormant included)."""

@@ -126,3 +126,21 @@ def test_spot_checking_spsa_peers_keep_fixed_waits(task):
         now = _step_all([a, b], now)
     assert a.waits.mode == "fixed" and a.waits.wait({"p01"}) == 2.0
     assert a.counts["spot_checks"] > 0 and not a.banned
+
+
+def test_a_member_lagging_near_finality_gets_the_whole_timeout(task):
+    """Ending steps early for a member whose records are finality_steps - 1 steps old
+    would leave it behind until its records came too late for a final step."""
+    ids = ["p00", "p01", "p02"]
+    cfg = SPSAConfig(step_timeout=2.0, dormant_after=10)  # finality_steps = 4
+    peers = [ALGOS["spsa"].make(cfg, pid, k, 3, ids, task) for k, pid in enumerate(ids[:2])]
+    for p in peers:
+        p.on_message("p02", Record(0, "p02", 1), 0.0)  # p02 sends step 0, then nothing
+    now = 0.0
+    for t in range(4):
+        waited = _step_all(peers, now) - now
+        assert waited < 1.0 if t in (0, 2, 3) else waited == pytest.approx(2.0), t
+        now += waited  # step 1: too little seen for a pooled wait yet
+    a = peers[0]
+    a.on_local_step(now)  # step 4: p02's latest record (step 0) is 3 steps old
+    assert a.next_deadline() == pytest.approx(now + 2.0)
