@@ -50,8 +50,9 @@ class WaitOptions:
                         "messages took, at most the timeout (optim/deadlines.py); 'fixed': "
                         "always the whole timeout (SPSA with spot checks: always fixed)",
                         choices=MODES)
-    deadline_floor: float = opt(0.1, "a learned wait is never shorter than this (seconds)",
-                                lo=0.0)
+    deadline_floor: float = opt(0.5, "a learned wait is never shorter than this (seconds; "
+                                "below it, scheduling jitter on a busy machine ends steps "
+                                "early and records come late)", lo=0.0)
     dormant_after: int = opt(3, "stop waiting for a peer that missed this many deadlines in "
                              "a row, until it sends again (0: never; learned mode)", lo=0)
 
@@ -59,7 +60,7 @@ class WaitOptions:
 class Deadlines:
     """Per-sender waits and dormancy (see module docstring)."""
 
-    def __init__(self, timeout: float, *, mode: str = "learned", floor: float = 0.1,
+    def __init__(self, timeout: float, *, mode: str = "learned", floor: float = 0.5,
                  dormant_after: int = 3):
         if mode not in MODES:
             raise ValueError(f"deadline mode must be one of {MODES}, got {mode!r}")
@@ -91,6 +92,13 @@ class Deadlines:
                     and self._misses[s] >= self.dormant_after and s not in self.dormant):
                 self.dormant.add(s)
                 self.counts["went_dormant"] += 1
+
+    def welcome(self, sender: str) -> None:
+        """``sender`` (re)joined the membership: a returning peer is waited for again
+        from its first step, as a joiner must be (SPSA: left behind while it syncs, its
+        records would come too late for the others' final steps)."""
+        self._misses.pop(sender, None)
+        self.dormant.discard(sender)
 
     def wait_for(self, sender: str) -> float:
         """Seconds to wait for ``sender``'s next message once we are ready for it."""

@@ -204,6 +204,11 @@ class LocalUpdate(Mailbox):
         whom = self._awaited[1] if self._awaited is not None else frozenset()
         self.waits.missed(whom - have - self.waits.dormant)
 
+    def on_peers(self, peers: frozenset[str], now: float) -> None:
+        for back in peers - self.peers:
+            self.waits.welcome(back)
+        super().on_peers(peers, now)
+
     # -- driver interface
     def can_step(self) -> bool:
         return self.phases.phase == TRAIN

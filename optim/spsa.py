@@ -328,6 +328,8 @@ class SPSA(Mailbox):
             self._replay_live()
 
     def on_peers(self, peers: frozenset[str], now: float) -> None:
+        for back in peers - self.peers:
+            self.waits.welcome(back)
         super().on_peers(peers, now)
         self.known |= self.peers
 

@@ -43,6 +43,10 @@ def test_a_sender_missing_k_deadlines_in_a_row_is_dormant_until_it_speaks():
     assert d.dormant == {"ghost"} and d.wait({"ghost"}) == 0.0
     d.heard("ghost", 0.1)
     assert not d.dormant and d.counts["woke"] == 1
+    for _ in range(3):
+        d.missed({"ghost"})
+    d.welcome("ghost")  # it left the membership and came back: waited for again
+    assert not d.dormant and d.wait({"ghost"}) == d.wait_for("ghost") > 0
     fixed = Deadlines(2.0, mode="fixed", dormant_after=1)
     fixed.missed({"ghost"})
     assert not fixed.dormant  # the fixed mode waits for everyone, always
@@ -143,4 +147,17 @@ def test_a_member_lagging_near_finality_gets_the_whole_timeout(task):
         now += waited  # step 1: too little seen for a pooled wait yet
     a = peers[0]
     a.on_local_step(now)  # step 4: p02's latest record (step 0) is 3 steps old
+    assert a.next_deadline() == pytest.approx(now + 2.0)
+
+
+def test_a_dormant_member_that_rejoins_is_waited_for_again(task):
+    peers = _swarm(task, "learned")
+    now = 0.0
+    for _ in range(4):
+        now = _step_all(peers, now)
+    a = peers[0]
+    assert a.waits.dormant == {"p02"}
+    a.on_peers(frozenset({"p00", "p01"}), now)  # p02's heartbeat expired
+    a.on_peers(frozenset({"p00", "p01", "p02"}), now)  # and it is back (syncing, say)
+    a.on_local_step(now)
     assert a.next_deadline() == pytest.approx(now + 2.0)

@@ -129,6 +129,10 @@ def launch(tmp_path):
 
 
 def spsa_config(tmp_path: Path, **spsa) -> str:
+    """A config file with these [spsa] values. Tests that compare the fingerprints rows
+    log when a step closes pass deadline='"fixed"' where late records must stay rare: a
+    record later than a learned wait is applied late, and its step's row shows θ before
+    it (the replicas agree again once it is in)."""
     path = tmp_path / "spsa.toml"
     path.write_text("[spsa]\n" + "".join(f"{k} = {v}\n" for k, v in spsa.items()))
     return str(path)

@@ -20,7 +20,7 @@ from test_node import by_step, launch, outer_config, spsa_config  # noqa: F401  
 
 @pytest.mark.slow
 def test_killed_spsa_peer_comes_back_resumes_and_resyncs(launch, tmp_path):  # noqa: F811
-    cfg = spsa_config(tmp_path, step_timeout=1.0)
+    cfg = spsa_config(tmp_path, step_timeout=1.0, deadline='"fixed"')  # rows: see spsa_config
     common = ["--config", cfg, "--min-peers", "3", "--steps", "100000",
               "--checkpoint-every", "10", "--eval-every", "1000"]
     a = launch("a", *common, "--shard", "0")
@@ -129,7 +129,7 @@ def test_junk_from_a_peer_is_counted_and_the_node_goes_on(launch):  # noqa: F811
 
 @pytest.mark.slow
 def test_a_split_replica_is_found_by_its_marks_and_repaired(launch, tmp_path):  # noqa: F811
-    cfg = spsa_config(tmp_path, step_timeout=1.0)
+    cfg = spsa_config(tmp_path, step_timeout=1.0, deadline='"fixed"')  # rows: see spsa_config
     # ~50 steps a second here, heartbeats every 0.5 s: a split is seen within ~50 steps.
     common = ["--config", cfg, "--min-peers", "3", "--steps", "300", "--eval-every", "1000"]
     a = launch("a", *common, "--shard", "0")
