@@ -12,8 +12,9 @@ needed, with a wider margin; before anything is observed, the whole timeout.
 
 A sender that misses its deadline ``dormant_after`` times in a row is *dormant*: nobody
 waits for it until a message of its arrives again. A silent member so costs at most that
-many timeouts in all, not one per step. Dormancy decides only how long a peer waits, never
-what it computes: SPSA's late records still rebuild θ exactly (optim/spsa.py).
+many timeouts in all, not one per step. Shorter waits never split SPSA replicas: late
+records still rebuild θ exactly on every peer (optim/spsa.py); a peer that ended a step
+early only measures its next record on the θ it had then.
 
 Not with SPSA's spot checks: they recompute a record from θ with every record of the
 steps before it, and a peer that ended a step early computes its next record on a θ
