@@ -122,7 +122,7 @@ def test_spot_checking_spsa_peers_keep_fixed_waits(task):
     """A record computed on a θ that lacks a late record fails a spot check, so a peer
     that ended steps early would be banned by honest peers: with checks on, no learning."""
     ids = ["p00", "p01"]
-    cfg = SPSAConfig(step_timeout=2.0, spot_check_rate=0.5)
+    cfg = SPSAConfig(step_timeout=2.0, spot_check_rate=0.5, deadline="learned")
     a, b = (ALGOS["spsa"].make(cfg, pid, k, 2, ids, task, index_of=ids.index)
             for k, pid in enumerate(ids))
     now = 0.0
@@ -136,7 +136,7 @@ def test_a_member_lagging_near_finality_gets_the_whole_timeout(task):
     """Ending steps early for a member whose records are finality_steps - 1 steps old
     would leave it behind until its records came too late for a final step."""
     ids = ["p00", "p01", "p02"]
-    cfg = SPSAConfig(step_timeout=2.0, dormant_after=10)  # finality_steps = 4
+    cfg = SPSAConfig(step_timeout=2.0, dormant_after=10, deadline="learned")  # finality 4
     peers = [ALGOS["spsa"].make(cfg, pid, k, 3, ids, task) for k, pid in enumerate(ids[:2])]
     for p in peers:
         p.on_message("p02", Record(0, "p02", 1), 0.0)  # p02 sends step 0, then nothing

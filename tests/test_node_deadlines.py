@@ -15,7 +15,7 @@ from test_node import by_step, launch, spsa_config  # noqa: F401  (launch is a f
 
 @pytest.mark.slow
 def test_a_silent_member_costs_a_few_step_timeouts_in_all(launch, tmp_path):  # noqa: F811
-    cfg = spsa_config(tmp_path, step_timeout=2.0, dormant_after=3)
+    cfg = spsa_config(tmp_path, step_timeout=2.0, dormant_after=3, deadline='"learned"')
     common = ["--config", cfg, "--min-peers", "2", "--steps", "100000", "--eval-every", "1000"]
     a = launch("a", *common)
     maddr = a.maddr()
