@@ -53,8 +53,8 @@ def test_noloco_waits_for_a_hung_partner_only_as_long_as_partners_take(workload)
             for mode in ("learned", "fixed")}
     learned, fixed = runs["learned"], runs["fixed"]
     assert fixed["lost"]["timeout"] > 0.3  # a partner drawn with the hung peer waits 5 s
-    # (Measured: 0.12 against 0.35 of the time, 13.1 against 26.6 s. Not less: a peer that
+    # (Measured: 0.18 against 0.35 of the time with the 0.5 s floor. Not less: a peer that
     # waited out the hung one is late for its next partners, who may cut it off too.)
-    assert learned["lost"]["timeout"] < fixed["lost"]["timeout"] / 2
-    assert learned["virtual_seconds"] < fixed["virtual_seconds"] * 0.7
-    assert learned["deadlines"]["wait_median"] < fixed["deadlines"]["wait_median"] / 2
+    assert learned["lost"]["timeout"] < fixed["lost"]["timeout"] * 0.6
+    assert learned["virtual_seconds"] < fixed["virtual_seconds"] * 0.8
+    assert learned["deadlines"]["wait_median"] < fixed["deadlines"]["wait_median"] * 0.7  # 2.97 s
