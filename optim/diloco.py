@@ -38,7 +38,7 @@ import torch
 
 from .codecs import Compressed, decompress, make_codec
 from .config import ConfigError, opt, validate
-from .deadlines import MODES, WaitOptions
+from .deadlines import WaitOptions
 from .inner import TRAIN, InnerEngine, InnerLoop, LocalUpdate, flatten, load_flat_
 from .noloco import CODEC_NAMES, check_share, codec_options
 from .outer import IMPLS, diloco_outer_step_, group_mean
@@ -57,14 +57,6 @@ class DiLoCoConfig(WaitOptions):
                                lo_open=True)
     round_timeout: float = opt(30.0, "seconds each all-reduce stage waits before going on "
                                "without the missing peers", lo=0.0, lo_open=True)
-    # Fixed by default: a part cut off is replaced by the peer's own, so replicas drift
-    # apart (global-mixed, 8 peers: learned waits 2.199 nats against 2.135, 14% less
-    # virtual time, the same utilisation). Learned, once a missing part is treated alike
-    # everywhere.
-    deadline: str = opt("fixed", "'learned': wait for each peer about as long as its recent "
-                        "parts took, at most round_timeout (optim/deadlines.py); 'fixed': "
-                        "always round_timeout (the default: a part cut off is replaced by "
-                        "our own, and replicas drift apart)", choices=MODES)
     lr: float = opt(3e-3, "inner AdamW learning rate (paper: 4e-4 on far larger models)",
                     lo=0.0, hi=1.0, lo_open=True)
     weight_decay: float = opt(0.01, "inner AdamW weight decay (paper: 0.1, which costs the "

@@ -167,18 +167,17 @@ class LocalUpdate(Mailbox):
         """Start round ``round_`` from φ (θ ← φ), with no exchange in flight."""
         load_flat_(self.model, self.phi)
         self.round, self.inner_done, self.deadline = round_, 0, None
-        self._awaited: tuple[str, frozenset[str], float] | None = None  # phase, whom, since
+        self._awaited: frozenset[str] = frozenset()  # whom the current phase waits for
         self._since: dict[tuple[int, str], float] = {}  # (round, phase) -> waiting since
         self.phases = PhaseTable(TRAIN, self._moves)
 
     # -- learned waits (optim/deadlines.py)
     def _await(self, senders: set[str] | list[str], now: float) -> None:
         """The phase just entered waits for these senders' messages: arm its deadline."""
-        whom = frozenset(senders) - {self.peer_id}
-        self._awaited = (self.phases.phase, whom, now)
+        self._awaited = frozenset(senders) - {self.peer_id}
         self._since = {k: t for k, t in self._since.items() if k[0] >= self.round - 2}
         self._since[(self.round, self.phases.phase)] = now
-        self.deadline = now + self.waits.wait(whom)
+        self.deadline = now + self.waits.wait(self._awaited)
 
     def _arrival(self, sender: str, round_: int, phase: str) -> None:
         """Note a message of ``sender`` for (round, phase), even one too late to use: its
@@ -194,15 +193,16 @@ class LocalUpdate(Mailbox):
             self.waits.heard(who, delay)
         self._arrived.clear()
 
+    def _missing(self, have: set[str]) -> frozenset[str]:
+        """Those awaited (and not dormant) that are not in ``have``."""
+        return self._awaited - have - self.waits.dormant
+
     def _still_waiting(self, have: set[str]) -> bool:
-        """Whether anyone awaited (and not dormant) is missing from ``have``."""
-        whom = self._awaited[1] if self._awaited is not None else frozenset()
-        return bool(whom - have - self.waits.dormant)
+        return bool(self._missing(have))
 
     def _timed_out(self, have: set[str]) -> None:
         self.counts["timeouts"] += 1
-        whom = self._awaited[1] if self._awaited is not None else frozenset()
-        self.waits.missed(whom - have - self.waits.dormant)
+        self.waits.missed(self._missing(have))
 
     def on_peers(self, peers: frozenset[str], now: float) -> None:
         for back in peers - self.peers:

@@ -38,7 +38,7 @@ import torch
 
 from .codecs import CODECS, Compressed, decompress, make_codec
 from .config import ConfigError, opt, validate
-from .deadlines import WaitOptions
+from .deadlines import MODES, WaitOptions
 from .inner import TRAIN, InnerEngine, InnerLoop, LocalUpdate, flatten, load_flat_
 from .outer import IMPLS, check_noloco_stability, group_mean, noloco_outer_step_
 from .sansio import Rejected, Send
@@ -75,6 +75,11 @@ class NoLoCoConfig(WaitOptions):
                                lo_open=True)
     round_timeout: float = opt(30.0, "most seconds to wait for the group's shares, then step "
                                "with whoever arrived", lo=0.0, lo_open=True)
+    deadline: str = opt("learned", "'learned' (the default here): wait for each partner "
+                        "about as long as its recent shares took, at most round_timeout, and "
+                        "stop waiting for one that missed dormant_after deadlines "
+                        "(optim/deadlines.py); 'fixed': always round_timeout",
+                        choices=MODES)
     lr: float = opt(3e-3, "inner Adam learning rate", lo=0.0, hi=1.0, lo_open=True)
     weight_decay: float = opt(0.0, "inner decoupled weight decay (paper: none)", lo=0.0,
                               hi=1.0)

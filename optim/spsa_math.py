@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import opt
-from .deadlines import MODES, WaitOptions
+from .deadlines import WaitOptions
 from .kernels import update_
 from .seeds import derive_seed
 
@@ -40,15 +40,6 @@ class SPSAConfig(WaitOptions):
     max_ahead: int = opt(4, "reject records more than this many steps ahead", lo=1)
     step_timeout: float = opt(5.0, "most seconds to wait for the other records of a step",
                               lo=0.0, lo_open=True)
-    # Fixed by default: a step ended early makes the next records stale (measured on a θ
-    # without the late ones), and on lossy links (mobile-churn, lr 0.02) that stopped the
-    # loss from falling. Learned waits pay where members go silent (optim/deadlines.py).
-    deadline: str = opt("fixed", "'learned': wait for each member about as long as its "
-                        "recent records took, at most step_timeout, and stop waiting for "
-                        "one that missed dormant_after deadlines (optim/deadlines.py); "
-                        "'fixed': always step_timeout (the default: records after an early "
-                        "end are measured on a staler θ; spot checks force it)",
-                        choices=MODES)
     spot_check_rate: float = opt(0.0, "fraction of other peers' records that every peer "
                                  "recomputes from the sender's public shard (two forward "
                                  "passes each); a liar is banned (needs the job's data_of)",
