@@ -122,6 +122,9 @@ def launch(tmp_path):
     yield start
     for node in nodes:
         node.kill_group()
+    for node in nodes:  # shown with a failing test's report: what every node said
+        if node.log_path.exists():
+            print(f"--- {node.out.name}\n{node.text()[-2500:]}")
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(group_pids(n.pid) for n in nodes):
         time.sleep(0.1)
