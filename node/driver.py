@@ -43,7 +43,7 @@ from typing import Any
 from byteswarm.optim.sansio import EVERYONE, Algorithm, Rejected, Send
 from byteswarm.optim.seeds import derive_seed
 from byteswarm.optim.spsa import Record
-from byteswarm.protocols import catchup, wire
+from byteswarm.protocols import catchup, splits, wire
 from byteswarm.protocols import state as P
 from byteswarm.protocols.splits import Marks
 
@@ -72,6 +72,7 @@ class Driver:
         self.pace = pace or (lambda: True)
         self.ctx = wire.Context(numel=numel)
         self.log_row, self.checkpoint, self.say = log_row, checkpoint, say
+        self.told_banned = False
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="algo")
         self.poll = Poll(progress=algo.position())
         self.kick = asyncio.Event()
@@ -208,7 +209,15 @@ class Driver:
             if donors:
                 self.resync_from = donors
                 self.say(f"our replica split from {len(donors)} peer(s): resyncing")
+            elif ahead := self.left_behind(members):
+                self.resync_from = ahead
+                self.say(f"{len(ahead)} peer(s) are past what we can still take: catching up")
         self.kick.set()
+
+    def left_behind(self, members: dict[str, Member]) -> list[str]:
+        """Members to catch up from if we fell too far behind (protocols/splits.py)."""
+        return splits.left_behind({p: m.progress for p, m in members.items()},
+                                  self.algo.peer_id, self.algo.banned, self.algo.behind)
 
     def recent_marks(self) -> dict[int, str]:
         """What our heartbeat publishes (protocols/splits.py)."""
@@ -389,6 +398,12 @@ class Driver:
             self.val_loss = extra["val_loss"]
         row = report.row(self, step, extra)
         self.log_row(row)
+        if self.algo.peer_id in self.algo.banned and not self.told_banned:
+            self.told_banned = True  # every peer's spot checks refused a byte of ours
+            self.say("a record of ours failed the swarm's spot checks (measured on a θ "
+                     "without a record that came late, or on another shard): every peer "
+                     "now refuses our records; we follow without sending (a new --identity "
+                     "contributes again)")
         if evaluate or step % 10 == 0:
             t0, s0 = self.last_said
             self.last_said = (self.now(), step)

@@ -45,6 +45,11 @@ class Snapshot:
     theta: torch.Tensor  # (numel,) fp32
     g2: float | None = None  # average of ĝ² over final steps
     scales: dict[int, float] = field(default_factory=dict)  # pending step -> its S
+    # Spot-check verdicts of the final steps (optim/spsa.py), part of the state a joiner
+    # takes: a banned peer -> the first step of its that is refused; a peer -> the final
+    # steps within the window where a record of its failed its check.
+    bans: dict[str, int] = field(default_factory=dict)
+    strikes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def scale(self, t: int, cfg: SPSAConfig) -> float:
         """S_t, from ĝ² history up to step t − 1 − finality_steps (final by the time
@@ -56,7 +61,8 @@ class Snapshot:
     def copy(self, device: torch.device | None = None) -> Snapshot:
         """A copy, on ``device`` (a state read from the wire is on the CPU) if given."""
         theta = self.theta.clone() if device is None else self.theta.to(device, copy=True)
-        return Snapshot(self.step, theta, self.g2, dict(self.scales))
+        return Snapshot(self.step, theta, self.g2, dict(self.scales), dict(self.bans),
+                        dict(self.strikes))
 
     def advance_(self, records: dict[str, int], cfg: SPSAConfig,
                  pad: torch.Tensor | None = None) -> None:
@@ -99,7 +105,11 @@ def check_spsa_state(state: Any, numel: int) -> SPSAState:
     if not (type(snap.step) is int and -1 <= snap.step < MAX_STEP
             and (snap.g2 is None or ok_float(snap.g2))
             and isinstance(snap.scales, dict) and len(snap.scales) <= MAX_OPEN_STEPS
-            and all(type(t) is int and ok_float(v) for t, v in snap.scales.items())):
+            and all(type(t) is int and ok_float(v) for t, v in snap.scales.items())
+            and isinstance(snap.bans, dict) and isinstance(snap.strikes, dict)
+            and all(type(p) is str and type(t) is int for p, t in snap.bans.items())
+            and all(type(p) is str and isinstance(ts, tuple)
+                    and all(type(t) is int for t in ts) for p, ts in snap.strikes.items())):
         raise Rejected("bad_state", "snapshot fields out of range")
     if not (isinstance(theta, torch.Tensor) and theta.dtype == torch.float32
             and theta.dim() == 1 and theta.numel() == numel):

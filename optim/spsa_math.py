@@ -46,6 +46,11 @@ class SPSAConfig(WaitOptions):
                                  lo=0.0, hi=1.0)
     spot_check_tolerance: int = opt(2, "a recomputed byte may differ by this much (float "
                                     "rounding on other hardware)", lo=0, hi=2 * 127)
+    spot_check_strikes: int = opt(2, "ban a peer once this many of its records failed "
+                                  "their check within spot_check_window steps (an honest "
+                                  "record measured just before a late one came can fail "
+                                  "once)", lo=1)
+    spot_check_window: int = opt(1000, "steps over which failed checks add up", lo=1)
 
 
 # --- math: plain functions ------------------------------------------------------------

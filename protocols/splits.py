@@ -7,11 +7,16 @@ the snapshots it serves, so that a joiner finds several donors vouching for one)
 whose fingerprint at a step is outvoted by another one (``Marks.outvoted``) catches up
 with the peers of the majority, as a joiner does. Two peers alone cannot tell who split;
 they only see the disagreement.
+
+A replica can also fall behind without splitting: a peer nobody waits for (banned, or
+slower than the rest while their waits end without it) drifts further back than its
+algorithm can follow (SPSA refuses records too far ahead, and its own reach the others after
+their steps are final). ``left_behind`` tells it to catch up the same way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 KEPT = 32  # our own marks kept for comparison
 PUBLISHED = 8  # our latest marks in each heartbeat
@@ -57,3 +62,14 @@ class Marks:
             best = max(votes.values(), key=len)
             return [] if me in best else best
         return []
+
+
+def left_behind(progress: dict[str, int], me: str, banned: set[str],
+                behind: Callable[[int], bool]) -> list[str]:
+    """The members to catch up from, if most of the others (``progress``: verified members'
+    published positions; banned ones left out) are further ahead than ``behind`` says we
+    can follow; else empty. One vote per member: a few claiming to be far ahead move us
+    to nothing."""
+    others = [p for p in progress if p != me and p not in banned]
+    ahead = [p for p in others if behind(progress[p])]
+    return ahead if 2 * len(ahead) > len(others) else []

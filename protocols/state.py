@@ -5,7 +5,8 @@ Theory of operation
 A joiner downloads state from peers it does not trust. Every piece has one format here,
 an array that opens with ``[VERSION, kind, ...]``:
 
-- ``snap``: an SPSA snapshot (step, ĝ² average, pending scales, θ as little-endian fp32);
+- ``snap``: an SPSA snapshot (step, ĝ² average, pending scales, spot-check bans and
+  strikes, θ as little-endian fp32);
 - ``outer``: a NoLoCo/DiLoCo outer state (round, φ, outer momentum);
 - ``index``: the size, chunk size and sha256 of every chunk of a served blob;
 - ``log``: SPSA records since a step (the peer ids once, then fixed-size entries);
@@ -50,7 +51,7 @@ from byteswarm.optim.spsa import (
     SPSAState,
 )
 
-VERSION = 1
+VERSION = 2  # 2: snapshots carry the spot-check verdicts
 CHUNK = 1 << 18  # bytes per hashed chunk of a served blob
 MAX_STEP = 1 << 62
 MAX_PEER_ID = 128  # characters
@@ -58,6 +59,7 @@ MAX_LOG_PEERS = 1 << 16  # distinct authors in one log (indexed by a u16)
 MAX_LOG_RECORDS = 1 << 20  # records in one log (11 bytes each)
 MAX_SEALED = 1 << 16  # envelopes in one sealed log
 MAX_ENVELOPE = 1024  # bytes of one sealed record
+MAX_VERDICTS = 1 << 16  # bans, and strikes, in one snapshot
 REQUEST_LIMIT = 64  # bytes of a request
 OPS = ("index", "chunk", "log", "latest", "state", "indexes")
 MAX_INDEXES = 16  # indexes in one "indexes" reply (a donor keeps a few served states)
@@ -172,24 +174,49 @@ def _vector(raw: bytes, r: Reader, name: str) -> torch.Tensor:
 # --- SPSA snapshot -------------------------------------------------------------------------
 
 def pack_snapshot(snap: Snapshot) -> bytes:
-    """[1, "snap", step, ĝ² average | nil, [t, S_t, t, S_t, …] sorted, θ]."""
+    """[2, "snap", step, ĝ² average | nil, [t, S_t, …] sorted, [peer, first refused step,
+    …] sorted, [peer, failed step, …] sorted, θ]."""
     scales = [x for t in sorted(snap.scales) for x in (t, float(snap.scales[t]))]
-    return _pack([VERSION, "snap", snap.step, snap.g2, scales, _vector_bytes(snap.theta)])
+    bans = [x for p in sorted(snap.bans) for x in (p, snap.bans[p])]
+    strikes = [x for p in sorted(snap.strikes) for t in sorted(snap.strikes[p]) for x in (p, t)]
+    return _pack([VERSION, "snap", snap.step, snap.g2, scales, bans, strikes,
+                  _vector_bytes(snap.theta)])
 
 
 def _read_snapshot(r: Reader, numel: int) -> Snapshot:
-    r.head("snap", 6)
+    r.head("snap", 8)
     step = r.int(-1, MAX_STEP, "step")
     g2 = r.float("g2", none=True)
-    n = r.array(0, 2 * MAX_OPEN_STEPS)
-    if n % 2:
-        r.fail("scales are not pairs")
     scales = {}
-    for _ in range(n // 2):
+    for _ in range(_pairs(r, MAX_OPEN_STEPS, "scales")):
         t = r.int(0, MAX_STEP, "scale step")
         scales[t] = r.float("scale")
+    bans: dict[str, int] = {}
+    for _ in range(_pairs(r, MAX_VERDICTS, "bans")):
+        peer = _peer(r)
+        if peer in bans:
+            r.fail("a peer banned twice")
+        bans[peer] = r.int(0, MAX_STEP, "ban step")
+    strikes: dict[str, tuple[int, ...]] = {}
+    for _ in range(_pairs(r, MAX_VERDICTS, "strikes")):
+        peer = _peer(r)
+        strikes[peer] = (*strikes.get(peer, ()), r.int(0, max(step, 0), "strike step"))
     theta = _vector(r.bin("θ", size=4 * numel), r, "θ")
-    return Snapshot(step, theta, g2, scales)
+    return Snapshot(step, theta, g2, scales, bans, strikes)
+
+
+def _pairs(r: Reader, most: int, name: str) -> int:
+    n = r.array(0, 2 * most)
+    if n % 2:
+        r.fail(f"{name} are not pairs")
+    return n // 2
+
+
+def _peer(r: Reader) -> str:
+    peer = r.str("peer")
+    if len(peer) > MAX_PEER_ID:
+        r.fail("peer id too long")
+    return peer
 
 
 def parse_snapshot(blob: bytes, numel: int) -> Snapshot:
@@ -202,7 +229,7 @@ def parse_snapshot(blob: bytes, numel: int) -> Snapshot:
 # --- NoLoCo/DiLoCo outer state ------------------------------------------------------------
 
 def pack_outer(state: OuterState) -> bytes:
-    """[1, "outer", round, φ, outer momentum], vectors as little-endian fp32."""
+    """[2, "outer", round, φ, outer momentum], vectors as little-endian fp32."""
     return _pack([VERSION, "outer", state.round, _vector_bytes(state.phi),
                   _vector_bytes(state.momentum)])
 
@@ -233,7 +260,7 @@ class Index:
 
 
 def make_index(tag: int, blob: bytes, chunk: int = CHUNK) -> bytes:
-    """[1, "index", tag, size, chunk, sha256 of each chunk, concatenated]."""
+    """[2, "index", tag, size, chunk, sha256 of each chunk, concatenated]."""
     hashes = b"".join(hashlib.sha256(blob[i:i + chunk]).digest()
                       for i in range(0, len(blob), chunk))
     return _pack([VERSION, "index", tag, len(blob), chunk, hashes])
@@ -255,7 +282,7 @@ def parse_index(data: bytes, tag: int | None, limit: int) -> Index:
 
 
 def pack_indexes(indexes: list[bytes]) -> bytes:
-    """[1, "indexes", [index bytes, …]]: every state a donor serves, oldest first."""
+    """[2, "indexes", [index bytes, …]]: every state a donor serves, oldest first."""
     return _pack([VERSION, "indexes", indexes[-MAX_INDEXES:]])
 
 
@@ -276,7 +303,7 @@ def parse_indexes(data: bytes, limit: int) -> list[tuple[bytes, Index]]:
 # --- SPSA record logs ----------------------------------------------------------------------
 
 def pack_log(log: RecordLog) -> bytes:
-    """[1, "log", closed, [peer ids sorted], entries]: each entry 11 bytes (<qHb: step,
+    """[2, "log", closed, [peer ids sorted], entries]: each entry 11 bytes (<qHb: step,
     index into the peer ids, q), sorted by (step, peer)."""
     peers = sorted({p for recs in log.records.values() for p in recs})
     at = {p: i for i, p in enumerate(peers)}
@@ -311,7 +338,7 @@ def parse_log(data: bytes, after: int) -> RecordLog:
 
 
 def pack_sealed_log(closed: int, envelopes: list[bytes]) -> bytes:
-    """[1, "sealed", closed, [envelope, …]]: records signed by their authors."""
+    """[2, "sealed", closed, [envelope, …]]: records signed by their authors."""
     return _pack([VERSION, "sealed", closed, envelopes[:MAX_SEALED]])
 
 
@@ -335,7 +362,7 @@ def pack_served(state: Snapshot | OuterState) -> bytes:
 def parse_served(blob: bytes, numel: int) -> Snapshot | OuterState:
     """The inverse of ``pack_served``; the algorithm's ``import_state`` checks the type."""
     r = Reader(blob, max_bin=0, what="served state")
-    r.array(5, 6)
+    r.array(5, 8)  # an outer state, or a snapshot
     r.version()
     kind = r.str("kind", ("snap", "outer"))
     return parse_snapshot(blob, numel) if kind == "snap" else parse_outer(blob, numel)
@@ -344,7 +371,7 @@ def parse_served(blob: bytes, numel: int) -> Snapshot | OuterState:
 # --- a donor's whole state (a young swarm's fallback) ------------------------------------
 
 def pack_state(state: SPSAState | OuterState) -> bytes:
-    """SPSA: [1, "spsa", snapshot bytes, log bytes]; NoLoCo/DiLoCo: the outer state."""
+    """SPSA: [2, "spsa", snapshot bytes, log bytes]; NoLoCo/DiLoCo: the outer state."""
     if isinstance(state, OuterState):
         return pack_outer(state)
     log = pack_log(RecordLog(state.closed, state.records))

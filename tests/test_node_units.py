@@ -23,7 +23,7 @@ from byteswarm.optim.sansio import Rejected
 from byteswarm.optim.spsa import SPSAConfig
 from byteswarm.optim.workload import load_workload
 from byteswarm.protocols import state as P
-from byteswarm.protocols.splits import Marks
+from byteswarm.protocols.splits import Marks, left_behind
 from hivemind.p2p import P2P
 
 
@@ -94,6 +94,23 @@ def test_marks_are_parsed_defensively_and_outvoted_peers_found():
     # Only the latest decisive step counts (an old split was repaired since).
     assert outvoted(own, {"x": m((10, "b" * 16)), "y": m((5, "f" * 16)),
                           "z": m((5, "f" * 16))}, "me") == []
+
+
+def test_a_peer_left_behind_by_most_members_catches_up_and_few_claims_move_it_not():
+    behind = lambda step: step > 100 + 4  # at 100, following up to 4 steps ahead
+    me = "me"
+    # Two of three far ahead: catch up from them (not from the one still with us).
+    assert sorted(left_behind({"a": 200, "b": 180, "c": 101, me: 100}, me, set(),
+                              behind)) == ["a", "b"]
+    # One of three claiming a far step (a liar, or one fast peer) is no majority.
+    assert left_behind({"a": 10**9, "b": 102, "c": 101}, me, set(), behind) == []
+    # Half is no majority; a banned member has no vote.
+    assert left_behind({"a": 200, "b": 100}, me, set(), behind) == []
+    assert left_behind({"a": 200, "b": 100}, me, {"b"}, behind) == ["a"]
+    assert left_behind({"a": 200, "z": 10**9}, me, {"z"}, behind) == ["a"]
+    # Within reach, or alone: nothing to do.
+    assert left_behind({"a": 104, "b": 103}, me, set(), behind) == []
+    assert left_behind({me: 100}, me, set(), behind) == []
 
 
 def test_spsa_resync_keeps_the_records_the_donor_lacks(workload):

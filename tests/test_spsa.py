@@ -20,6 +20,7 @@ from byteswarm.optim.spsa import (
     replay,
 )
 from byteswarm.optim.workload import ALGOS, Workload
+from byteswarm.protocols import state as P
 
 BATCH, SEQ = 32, 64
 
@@ -192,53 +193,119 @@ def test_records_of_a_peer_that_just_left_still_count(corpus):
     assert a.stats()["records_applied"] == 2
 
 
-def test_spot_checks_ban_a_liar_on_every_honest_peer_alike(corpus):
-    cfg = SPSAConfig(spot_check_rate=1.0, finality_steps=2, lr=0.05)
-    peers = make_peers(corpus, 4, cfg, spot_checks=True)
-    honest, liar = peers[:3], peers[3]
-    delayed = []
-    for t in range(5):
+def lying_run(peers, steps, *, lies, delay=None):
+    """Lockstep rounds; the last peer sends the opposite byte at the steps ``lies(t)``.
+    ``delay``: (peer index, step) whose records reach that peer only after it closed."""
+    liar, delayed = peers[-1], []
+    for t in range(steps):
         sent = []
         for p in peers:
             p.on_local_step(float(t))
-            for s in p.outbox():
-                m = s.msg
-                if p is liar and t >= 2:  # from step 2 on it sends the opposite byte
+            out = [s.msg for s in p.outbox()]
+            if p is liar and not out:  # its own checks banned it: it sends all the same
+                out = [Record(t, p.peer_id, Q_MAX)]
+            for m in out:
+                if p is liar and lies(t) and p.peer_id not in p.banned:
                     m = Record(m.step, m.peer, -m.q if m.q else Q_MAX)
+                    p.records[m.step][m.peer] = m.q  # it applies its lie too
                 sent.append(m)
-        for p in peers:
+        for i, p in enumerate(peers):
             for m in sent:
                 if m.peer == p.peer_id:
                     continue
-                if p is honest[2] and m.peer == liar.peer_id and t == 2:
-                    delayed.append(m)  # arrives after p02 closed step 2
+                if delay == (i, t) and m.peer == liar.peer_id:
+                    delayed.append(m)  # arrives after p closed step t
                 else:
                     p.on_message(m.peer, m, float(t))
             if not p.can_step():
                 p.on_timer(1e9)
-        if t == 2:
-            for m in delayed:
-                honest[2].on_message(m.peer, m, float(t))
+        for m in delayed:
+            peers[delay[0]].on_message(m.peer, m, float(t))
+        delayed.clear()
+
+
+def test_spot_checks_ban_a_liar_on_every_honest_peer_alike(corpus):
+    cfg = SPSAConfig(spot_check_rate=1.0, finality_steps=2, lr=0.05, spot_check_strikes=1)
+    peers = make_peers(corpus, 4, cfg, spot_checks=True)
+    honest = peers[:3]
+    lying_run(peers, 8, lies=lambda t: t >= 2, delay=(2, 2))
     stats = [p.stats() for p in honest]
     # Honest bytes pass; the first lie (on time for two peers, late for the third) is
-    # caught everywhere, and the liar's later records are refused as banned.
+    # caught everywhere when step 2 becomes final (at the close of step 4); its records of
+    # steps 3-4 stay (the honest ones of those steps were measured with them), and those
+    # of steps 5-7 are refused as banned.
     assert [s["spot_failures"] for s in stats] == [1, 1, 1]
-    assert all(s["banned"] == 1 and s["rejects"]["banned"] == 2 for s in stats)
-    # Every record of the three others at steps 0-2, then the two honest ones at 3-4.
-    assert [s["spot_checks"] for s in stats] == [13, 13, 13]
+    assert all(s["banned"] == 1 and s["rejects"]["banned"] == 3 for s in stats)
+    # Final steps 0-5: all four records of steps 0-2 (ours too), the honest three after.
+    assert [s["spot_checks"] for s in stats] == [21, 21, 21]
     assert len({p.fingerprint() for p in honest}) == 1
     assert all(s["steps_timed_out"] == 0 for s in stats[:2])  # a ban is not a wait
     # Without the checks the lie would have been applied: a different θ.
     blind = make_peers(corpus, 4, SPSAConfig(finality_steps=2, lr=0.05))
-    for t in range(5):
-        sent = []
-        for p in blind:
-            p.on_local_step(float(t))
-            sent += [s.msg if not (p is blind[3] and t >= 2) else
-                     Record(s.msg.step, s.msg.peer, -s.msg.q if s.msg.q else Q_MAX)
-                     for s in p.outbox()]
-        for p in blind:
-            for m in sent:
-                if m.peer != p.peer_id:
-                    p.on_message(m.peer, m, float(t))
+    lying_run(blind, 8, lies=lambda t: t >= 2)
     assert blind[0].fingerprint() != honest[0].fingerprint()
+
+
+def test_one_failed_check_is_a_strike_and_the_second_a_ban(corpus):
+    cfg = SPSAConfig(spot_check_rate=1.0, finality_steps=2, lr=0.05)  # 2 strikes
+    once = make_peers(corpus, 3, cfg, spot_checks=True)
+    lying_run(once, 7, lies=lambda t: t == 2)
+    assert all(p.stats()["spot_failures"] == 1 and not p.banned for p in once[:2])
+    twice = make_peers(corpus, 3, cfg, spot_checks=True)
+    lying_run(twice, 9, lies=lambda t: t in (2, 3))  # banned when step 3 is final
+    for p in twice[:2]:  # ... from step 3 + 2 + 1 on: its records of steps 6-8 refused
+        assert p.banned == {twice[2].peer_id} and p.stats()["rejects"]["banned"] == 3
+    assert len({p.fingerprint() for p in twice}) == 1  # the liar follows, refused by all
+
+
+def test_a_joiner_takes_the_verdicts_with_the_state(corpus):
+    cfg = SPSAConfig(spot_check_rate=1.0, finality_steps=2, lr=0.05)
+    peers = make_peers(corpus, 3, cfg, spot_checks=True)
+    liar = peers[2].peer_id
+    lying_run(peers, 9, lies=lambda t: t in (2, 3))
+    fresh = make_peers(corpus, 4, cfg, spot_checks=True)
+    joiner, restored = fresh[3], fresh[1]
+    joiner.import_state(P.parse_state(P.pack_state(peers[0].export_state()), joiner.numel))
+    restored.load_state_dict(peers[1].state_dict())  # a checkpoint keeps them too
+    for p in (joiner, restored):
+        assert p.banned == {liar} and p.snap.bans == peers[0].snap.bans
+        p.on_message(liar, Record(p.step, liar, 5), 0.0)
+        assert p.stats()["rejects"] == {"banned": 1}
+        assert p.fingerprint() == peers[0].fingerprint()
+
+
+def test_spot_check_verdicts_do_not_depend_on_what_came_late(corpus):
+    # Honest peers only, zero tolerance, a large step: peer 3's records reach peer 2 a round
+    # late (after it closed the next step too, still before finality). Peer 2 measures its
+    # records on a θ without them and judges the others' against one: whatever the
+    # verdicts, every peer (peer 2 included) must reach the same ones, or replicas split.
+    cfg = SPSAConfig(spot_check_rate=1.0, spot_check_tolerance=0, finality_steps=2, lr=0.3,
+                     spot_check_strikes=1)
+    peers = make_peers(corpus, 4, cfg, spot_checks=True)
+    ids = [p.peer_id for p in peers]
+    late, due = [], []
+    for t in range(12):
+        sent = []
+        for p in peers:
+            if p.can_step():
+                p.on_local_step(float(t))
+            sent += [s.msg for s in p.outbox()]
+        for i, p in enumerate(peers):
+            for m in sent:
+                if m.peer == p.peer_id:
+                    continue
+                if i == 2 and m.peer == ids[3]:
+                    late.append(m)
+                else:
+                    p.on_message(m.peer, m, float(t))
+            if not p.can_step():
+                p.on_timer(1e9)
+        for m in due:
+            peers[2].on_message(m.peer, m, float(t))
+        due, late = late, []
+    for m in due:
+        peers[2].on_message(m.peer, m, 99.0)
+    assert len({frozenset(p.banned) for p in peers}) == 1
+    assert len({p.final_mark() for p in peers}) == 1
+    assert peers[2].stats()["late_records"] >= 10
+    assert sum(p.stats()["spot_failures"] for p in peers) > 0  # the case this is about

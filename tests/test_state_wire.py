@@ -35,7 +35,8 @@ def vec(seed: int, n: int = N) -> torch.Tensor:
     return torch.randn(n, generator=torch.Generator().manual_seed(seed))
 
 
-SNAP = Snapshot(40, vec(0), 0.25, {41: 1.5, 43: 2.0, 42: 0.5})
+SNAP = Snapshot(40, vec(0), 0.25, {41: 1.5, 43: 2.0, 42: 0.5}, {"p007": 45, "12D3KooWccc": 9},
+                {"12D3KooWaaa": (30, 12)})
 LOG = RecordLog(43, {41: {"p007": -3, "12D3KooWaaa": 127}, 43: {"12D3KooWbbb": -127},
                      42: {}})
 OUTER = OuterState(3, vec(1), vec(2))
@@ -68,7 +69,9 @@ DROP = object()
 # --- round trips and determinism ----------------------------------------------------------------
 
 def same_snapshot(a: Snapshot, b: Snapshot) -> bool:
-    return ((a.step, a.g2, a.scales) == (b.step, b.g2, b.scales)
+    return ((a.step, a.g2, a.scales, a.bans) == (b.step, b.g2, b.scales, b.bans)
+            and {p: sorted(t) for p, t in a.strikes.items()}
+            == {p: sorted(t) for p, t in b.strikes.items()}
             and torch.equal(a.theta, b.theta) and b.theta.dtype == torch.float32)
 
 
@@ -79,12 +82,16 @@ def same_outer(a: OuterState, b: OuterState) -> bool:
 
 def test_snapshot_round_trip_and_determinism():
     blob = P.pack_snapshot(SNAP)
-    again = Snapshot(40, SNAP.theta.clone(), 0.25, dict(sorted(SNAP.scales.items())))
+    again = Snapshot(40, SNAP.theta.clone(), 0.25, dict(sorted(SNAP.scales.items())),
+                     dict(sorted(SNAP.bans.items())), {"12D3KooWaaa": (12, 30)})
     assert blob == P.pack_snapshot(again) == P.pack_snapshot(SNAP.copy())
     assert same_snapshot(P.parse_snapshot(blob, N), SNAP)
     no_history = Snapshot(0, vec(3), None, {})
     assert same_snapshot(P.parse_snapshot(P.pack_snapshot(no_history), N), no_history)
-    assert P.pack_snapshot(Snapshot(40, vec(1), 0.25, SNAP.scales)) != blob  # θ counts
+    assert P.pack_snapshot(Snapshot(40, vec(1), 0.25, SNAP.scales, SNAP.bans,
+                                    SNAP.strikes)) != blob  # θ counts
+    unbanned = Snapshot(40, SNAP.theta, 0.25, SNAP.scales, {}, SNAP.strikes)
+    assert P.pack_snapshot(unbanned) != blob  # so do the verdicts (donors vote on bytes)
 
 
 def test_outer_round_trip_and_determinism():
@@ -202,7 +209,7 @@ def test_wrong_version_kind_and_shape_are_refused(name):
     # The version is the first item of every format, the kind (a request's op) the second.
     # (A whole SPSA state's own version, and a non-bytes input to parse_state: see
     # test_a_whole_state_checks_its_version_and_input_type.)
-    bad = [edit(blob, 0, v) for v in (0, 2, -1, "1", None, 1 << 40) if name != "state"]
+    bad = [edit(blob, 0, v) for v in (0, 1, 3, -1, "1", None, 1 << 40) if name != "state"]
     if name == "request":
         bad += [edit(blob, 1, op) for op in ("rm", "INDEX", "chunks", "snap", "", 7, None)]
     else:
@@ -211,7 +218,7 @@ def test_wrong_version_kind_and_shape_are_refused(name):
                 if k != KIND[name]]
     longer = msgpack.unpackb(blob) + [0]
     bad += [edit(blob, -1, DROP), msgpack.packb(longer, use_bin_type=True),  # items
-            msgpack.packb({"version": 1}), msgpack.packb(None), b"", b"\xff"]
+            msgpack.packb({"version": P.VERSION}), msgpack.packb(None), b"", b"\xff"]
     if not name.startswith("state"):
         bad += ["text", None, 40]
     for data in bad:
@@ -220,7 +227,7 @@ def test_wrong_version_kind_and_shape_are_refused(name):
 
 def test_a_whole_state_checks_its_version_and_input_type():
     blob = P.pack_state(SPSAState(SNAP, 43, LOG.records))
-    for v in (0, 2, -1, "1", None, 1 << 40):
+    for v in (0, 1, 3, -1, "1", None, 1 << 40):
         assert reason(P.parse_state, edit(blob, 0, v), N) == "bad_state", v
     for data in ("text", None, 40):
         assert reason(P.parse_state, data, N) == "bad_state", data
@@ -242,7 +249,14 @@ def test_snapshot_sizes_values_and_ranges_are_checked():
         edit(snap_blob(), 4, [41, 1.0] * (MAX_OPEN_STEPS + 1)),  # too many scales
         edit(snap_blob(), 2, -2), edit(snap_blob(), 2, P.MAX_STEP + 1),
         edit(snap_blob(), 2, 40.0), edit(snap_blob(), 2, True),
-        edit(snap_blob(), 5, list(range(N))),  # θ as a list, not bytes
+        edit(snap_blob(), 7, list(range(N))),  # θ as a list, not bytes
+        edit(snap_blob(), 5, ["p007"]), edit(snap_blob(), 5, ["p007", -1]),  # bans
+        edit(snap_blob(), 5, ["p007", 1.0]), edit(snap_blob(), 5, [7, 50]),
+        edit(snap_blob(), 5, ["", 50]), edit(snap_blob(), 5, ["p" * 200, 50]),
+        edit(snap_blob(), 5, ["p007", 50, "p007", 51]),  # banned twice
+        edit(snap_blob(), 5, ["p007", 50] * (P.MAX_VERDICTS + 1)),
+        edit(snap_blob(), 6, ["p007", 41]),  # a strike at a step that is not final
+        edit(snap_blob(), 6, ["p007"]), edit(snap_blob(), 6, [["p007"], 3]),
     ):
         assert reason(parse, data) == "bad_state"
     assert reason(parse, snap_blob(), N + 1) == "bad_state"
@@ -366,12 +380,12 @@ def peak_of(fn, data) -> tuple[str, int]:
 
 
 DECODERS = {
-    "snapshot": (lambda d: P.parse_snapshot(d, BIG), "snap", 6),
+    "snapshot": (lambda d: P.parse_snapshot(d, BIG), "snap", 8),
     "outer": (lambda d: P.parse_outer(d, BIG), "outer", 5),
     "index": (lambda d: P.parse_index(d, None, 4 * BIG), "index", 6),
     "log": (lambda d: P.parse_log(d, 0), "log", 5),
     "sealed": (lambda d: P.parse_sealed_log(d, 0), "sealed", 4),
-    "served": (lambda d: P.parse_served(d, BIG), "snap", 6),
+    "served": (lambda d: P.parse_served(d, BIG), "snap", 8),
     "state": (lambda d: P.parse_state(d, BIG), "spsa", 4),
     "request": (P.parse_request, "chunk", 4),
 }
