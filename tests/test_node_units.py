@@ -113,6 +113,37 @@ def test_a_peer_left_behind_by_most_members_catches_up_and_few_claims_move_it_no
     assert left_behind({me: 100}, me, set(), behind) == []
 
 
+def test_a_gap_past_finality_never_heals_and_the_one_behind_is_told_to_catch_up(workload):
+    # b imported a's state and a moved on more than finality_steps before b's first
+    # record (a slow sync; seen in CI): each then refuses the other's records, as too
+    # late and as too far ahead, and both time out every step, the gap kept for good.
+    cfg = SPSAConfig(swarm="u", finality_steps=2, max_ahead=2)
+    a, b = (A.make_algorithm("spsa", cfg, p, 0, 2, workload) for p in "ab")
+    for x in (a, b):
+        x.on_peers(frozenset("ab"), 0.0)
+    for _ in range(6):  # a alone (b syncing): every step closes at its deadline
+        a.on_local_step(0.0)
+        a.outbox()
+        a.on_timer(1e9)
+    b.import_state(wire_copy(a.export_state(), a.numel))
+    for _ in range(5):  # meanwhile a went on
+        a.on_local_step(0.0)
+        a.outbox()
+        a.on_timer(1e9)
+    gap = a.position() - b.position()
+    for _ in range(4):
+        sends = {x.peer_id: (x.on_local_step(0.0), x.outbox())[1] for x in (a, b)}
+        for x, other in ((a, "b"), (b, "a")):
+            for send in sends[other]:
+                x.on_message(other, send.msg, 0.0)
+            x.on_timer(1e9)
+    assert a.position() - b.position() == gap > cfg.finality_steps
+    assert a.stats()["rejects"] == {"too_late": 4}
+    assert b.stats()["rejects"] == {"too_far_ahead": 4}
+    assert left_behind({"a": a.position()}, "b", set(), b.behind) == ["a"]
+    assert left_behind({"b": b.position()}, "a", set(), a.behind) == []
+
+
 def test_spsa_resync_keeps_the_records_the_donor_lacks(workload):
     # a and b apply the same records, except that b never got c's record of step 0.
     cfg = SPSAConfig(swarm="u", finality_steps=2)
