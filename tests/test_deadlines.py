@@ -126,7 +126,7 @@ def test_spot_checking_spsa_peers_keep_fixed_waits(task):
     a, b = (ALGOS["spsa"].make(cfg, pid, k, 2, ids, task, index_of=ids.index)
             for k, pid in enumerate(ids))
     now = 0.0
-    for _ in range(4):
+    for _ in range(8):  # steps are checked when final (finality_steps 4 after they close)
         now = _step_all([a, b], now)
     assert a.waits.mode == "fixed" and a.waits.wait({"p01"}) == 2.0
     assert a.counts["spot_checks"] > 0 and not a.banned
