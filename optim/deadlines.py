@@ -18,9 +18,9 @@ early only measures its next record on the θ it had then.
 
 Not with SPSA's spot checks: they recompute a record from θ with every record of the
 steps before it, and a peer that ended a step early computes its next record on a θ
-without the late ones, so honest peers would ban each other. Spot-checking SPSA peers
-keep fixed waits (which a member that sends its records just late can still exploit:
-docs/security.md).
+without the late ones, a strike against an honest peer if sampled (two ban it).
+Spot-checking SPSA peers keep fixed waits (which a member that sends its records just
+late can still exploit: docs/security.md).
 
 Sans-IO like the algorithms: the caller passes ``now``; the same object runs in the node
 and the simulator. ``mode="fixed"`` keeps the old behaviour (always the timeout, nobody

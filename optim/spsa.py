@@ -132,8 +132,8 @@ class SPSA(Mailbox):
         self.history: dict[int, dict[str, int]] = {}  # records of the latest final steps
         # Spot checks recompute a record from θ with every record of the steps before it.
         # A peer that closed a step without a record that came later computes its next
-        # record on another θ, and honest peers would ban each other for it: with spot
-        # checks on, waits stay fixed (learned waits end far more steps early).
+        # record on another θ, a strike against it if sampled: with spot checks on, waits
+        # stay fixed (learned waits end far more steps early).
         self.waits = Deadlines.of(cfg, cfg.step_timeout,
                                   fixed=cfg.spot_check_rate > 0)
         self._ready_at: dict[int, float] = {}  # step -> when our own record of it was made

@@ -193,13 +193,13 @@ def _read_snapshot(r: Reader, numel: int) -> Snapshot:
         scales[t] = r.float("scale")
     bans: dict[str, int] = {}
     for _ in range(_pairs(r, MAX_VERDICTS, "bans")):
-        peer = _peer(r)
+        peer = r.str("peer id")  # at most MAX_PEER_ID: the unpacker bounds strings
         if peer in bans:
             r.fail("a peer banned twice")
         bans[peer] = r.int(0, MAX_STEP, "ban step")
     strikes: dict[str, tuple[int, ...]] = {}
     for _ in range(_pairs(r, MAX_VERDICTS, "strikes")):
-        peer = _peer(r)
+        peer = r.str("peer id")  # at most MAX_PEER_ID: the unpacker bounds strings
         strikes[peer] = (*strikes.get(peer, ()), r.int(0, max(step, 0), "strike step"))
     theta = _vector(r.bin("θ", size=4 * numel), r, "θ")
     return Snapshot(step, theta, g2, scales, bans, strikes)
@@ -210,13 +210,6 @@ def _pairs(r: Reader, most: int, name: str) -> int:
     if n % 2:
         r.fail(f"{name} are not pairs")
     return n // 2
-
-
-def _peer(r: Reader) -> str:
-    peer = r.str("peer")
-    if len(peer) > MAX_PEER_ID:
-        r.fail("peer id too long")
-    return peer
 
 
 def parse_snapshot(blob: bytes, numel: int) -> Snapshot:
