@@ -59,6 +59,9 @@ async def as_member(maddr: str, swarm: str, seconds: float, act, identity: str) 
         for w in writers.values():  # last, a header claiming 1 TB: the stream is closed
             w.write((1 << 40).to_bytes(8, "big"))
             await w.drain()
+        # Give the nodes time to read it: closing at once could reset the stream before
+        # the header is read (seen once in a full run: one node without the event).
+        await asyncio.sleep(1.0)
         return frames
     finally:
         for w in writers.values():
