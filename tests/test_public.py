@@ -30,8 +30,11 @@ def keygen(path):
 
 def write_manifest(tmp_path, creator_hex, extra=""):
     path = tmp_path / "swarm.toml"
+    # No spot checks here (tests/test_hostile.py has them): on 2 loaded cores a record
+    # measured just before a late one came fails its check now and then, and two such
+    # strikes banned an honest node in one full run (docs/security.md, issue 18).
     path.write_text(f'name = "t"\nalgorithm = "spsa"\ncreator = "{creator_hex}"\n{extra}'
-                    f'{DATA}[spsa]\nstep_timeout = 2.0\nspot_check_rate = 0.05\n')
+                    f'{DATA}[spsa]\nstep_timeout = 2.0\n')
     return path
 
 
@@ -45,7 +48,7 @@ def test_join_by_id_verifies_the_manifest_and_catches_up(launch, tmp_path):  # n
     sha = hashlib.sha256(weights.read_bytes()).hexdigest()
     m = write_manifest(tmp_path, keygen(tmp_path / "creator.key"),
                        f'[init]\nweights = "sha256:{sha}"\n')
-    # 10-25 SPSA steps a second here (signed records, spot checks, 2 cores for 3 nodes):
+    # 10-25 SPSA steps a second here (signed records, 2 cores for 3 nodes):
     # long enough for c to start while a and b train.
     common = [*NODE, "--steps", "1200", "--eval-every", "400"]
     a = launch("a", *common, "--identity", creator, "--min-peers", "2", "--weights",
